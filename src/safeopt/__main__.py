@@ -1,0 +1,5 @@
+"""``python -m safeopt``: the command-line interface."""
+
+from safeopt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,552 @@
+"""The decision function: pure array math, written once for every framework.
+
+Every step an adapter gathers gradient statistics with its framework's fast
+kernels (:class:`GradStats`), calls :func:`decide` with its array namespace
+and applies the :class:`Decision` idiomatically (fused-kernel inputs, foreach
+ops, ``select``). Nothing here branches in Python on an array's value: all
+decisions are ``where`` selections, so they stay on the device and trace
+under ``jax.jit``, ``tf.function`` and ``torch.compile``.
+
+:func:`protect` is the whole pipeline over lists of arrays: the NumPy
+reference implementation that adapters are tested against, and the
+implementation functional adapters (Optax, Keras) run as it is.
+
+References:
+  Pascanu, Mikolov & Bengio (2013), On the difficulty of training recurrent
+  neural networks. https://arxiv.org/abs/1211.5063 (norm clipping).
+  Brock, De, Smith & Simonyan (2021), High-Performance Large-Scale Image
+  Recognition Without Normalization. https://arxiv.org/abs/2102.06171 (AGC).
+  Kumar et al. (2025), ZClip: Adaptive Spike Mitigation for LLM Pre-Training.
+  https://arxiv.org/abs/2504.02507 (z-score threshold).
+  Seetharaman, Wichern, Pardo & Le Roux (2020), AutoClip: Adaptive Gradient
+  Clipping for Source Separation Networks. https://arxiv.org/abs/2007.14469
+  (percentile threshold).
+  OLMo Team (2024), 2 OLMo 2 Furious. https://arxiv.org/abs/2501.00656, and
+  Levanter's skip-step optimizer (loss-spike skipping).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from safeopt._policy import Policy
+from safeopt._xp import Array, Namespace
+
+_TINY = 1e-12
+
+
+class PolicyState(NamedTuple):
+    """safeopt's own per-run state; every field is a 0-d or 1-d array.
+
+    Counters are ``int32``; statistics are ``float32``. A skipped step
+    changes only the skip counters (``skips``, ``consecutive_skips``,
+    ``nonfinite``, ``spikes``); everything else is left bit-identical.
+    """
+
+    steps: Array  # applied (not skipped) updates
+    skips: Array  # skipped updates, all causes
+    consecutive_skips: Array  # skipped updates in a row, 0 after an applied one
+    nonfinite: Array  # updates that carried NaN/Inf (skipped or not)
+    spikes: Array  # updates skipped as loss / grad-norm spikes
+    norm_clips: Array  # applied updates whose norm was clipped
+    value_clips: Array  # applied updates in which some element was clipped
+    last_norm: Array  # pre-clip global norm of the last applied update
+    last_scale: Array  # global norm-clip scale of the last applied update
+    threshold: Array  # norm threshold used by the last applied update
+    last_loss: Array  # loss of the last applied update (NaN if never given)
+    last_weight_norm: Array  # global weight norm at the last applied update (NaN if unknown)
+    ema_mean: Array  # ZClip: EMA mean of the gradient norm (Welford mean in warm-up)
+    ema_var: Array  # ZClip: EMA variance of the gradient norm (Welford M2/n in warm-up)
+    norm_history: Array  # AutoClip: ring buffer of gradient norms
+    spike_history: Array  # loss-spike skip: ring buffer of losses or gradient norms
+    spike_count: Array  # values written into spike_history
+
+
+class GradStats(NamedTuple):
+    """Gradient statistics an adapter hands to :func:`decide`.
+
+    Attributes:
+      norm: Global L2 norm of the gradients after the penalty and the value
+        clip (the norm that norm clipping acts on), float32, 0-d.
+      finite: Whether the raw gradients (and the loss) are all finite. ``None``
+        derives it from ``raw_norm``.
+      raw_norm: Global norm of the raw gradients; ``None`` means ``norm``.
+      max_abs: Largest ``|g|`` before the value clip (counts value clips).
+      loss: The step's loss, when the caller gave it.
+      clipped: For ``per_tensor`` and ``unitwise`` scopes: whether any tensor or
+        unit was clipped (the adapter applies those scales itself).
+      weight_norm: Global L2 norm of the parameters, when gathered.
+    """
+
+    norm: Array
+    finite: Array | None = None
+    raw_norm: Array | None = None
+    max_abs: Array | None = None
+    loss: Array | None = None
+    clipped: Array | None = None
+    weight_norm: Array | None = None
+
+
+class Decision(NamedTuple):
+    """What to do with this step's gradients.
+
+    Attributes:
+      skip: bool, skip the whole update.
+      scale: float32, the global norm-clip multiplier in (0, 1] (1 for the
+        ``per_tensor`` and ``unitwise`` scopes, which clip tensor by tensor).
+      inv_scale: float32, ``1 / scale`` computed directly (``norm /
+        threshold`` or exactly 1): what a kernel that divides by a
+        ``grad_scale`` wants.
+      found_inf: float32, exactly 0.0 or 1.0: ``skip`` as torch's fused
+        optimizers read it.
+      threshold: float32, the norm threshold in force (``inf`` when norm
+        clipping is off).
+      clipped: bool, whether norm clipping changed the gradients.
+    """
+
+    skip: Array
+    scale: Array
+    inv_scale: Array
+    found_inf: Array
+    threshold: Array
+    clipped: Array
+
+
+# ---------------------------------------------------------------------------
+# State.
+# ---------------------------------------------------------------------------
+def state_shapes(policy: Policy) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Returns ``{field: (shape, dtype name)}`` of the state for ``policy``.
+
+    Ring buffers are allocated only for the policies that use them.
+    """
+    ring = policy.history if policy.adaptive == "percentile" else 1
+    spike = policy.spike_window if policy.spike_skip is not None else 1
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name in PolicyState._fields:
+        dtype = "float32" if name.startswith(("last_", "ema_", "threshold")) else "int32"
+        shapes[name] = ((), dtype)
+    shapes["norm_history"] = ((ring,), "float32")
+    shapes["spike_history"] = ((spike,), "float32")
+    return shapes
+
+
+def _initial_value(name: str, policy: Policy) -> float:
+    if name in ("last_loss", "last_weight_norm", "last_norm"):
+        return math.nan
+    if name == "last_scale":
+        return 1.0
+    if name == "threshold":
+        return math.inf if policy.clip_norm is None else float(policy.clip_norm)
+    return 0.0
+
+
+def init_state(xp: Namespace, policy: Policy, like: Array | None = None) -> PolicyState:
+    """Returns the initial :class:`PolicyState` for ``policy``.
+
+    Args:
+      xp: The array namespace (see :func:`safeopt.namespace`).
+      policy: The policy whose state to build.
+      like: An array whose device the state should live on (torch).
+    """
+    fields = {}
+    for name, (shape, dtype_name) in state_shapes(policy).items():
+        dtype = getattr(xp, dtype_name)
+        value = _initial_value(name, policy)
+        fields[name] = xp.asarray(_filled(shape, value), dtype, like=like)
+    return PolicyState(**fields)
+
+
+def _filled(shape: tuple[int, ...], value: float) -> Any:
+    if not shape:
+        return value
+    return [value] * shape[0]
+
+
+# ---------------------------------------------------------------------------
+# Elementwise helpers adapters apply per tensor or per unit.
+# ---------------------------------------------------------------------------
+def clip_scale(xp: Namespace, norm: Array, threshold: Array | float) -> Array:
+    """Norm-clip multiplier: ``threshold / norm`` where ``norm > threshold``, else 1.
+
+    A NaN norm gives 1 (the non-finite check decides about it), an infinite
+    threshold gives 1, and the result is never NaN or Inf for a finite
+    positive threshold.
+    """
+    over = norm > threshold
+    return xp.where(over, threshold / xp.where(over, norm, 1.0), 1.0)
+
+
+def unit_scale(xp: Namespace, grad_norm: Array, weight_norm: Array, clipping: float,
+               eps: float) -> Array:
+    """AGC multiplier per unit, as ``optax.adaptive_grad_clip`` computes it.
+
+    A unit's gradient is rescaled to ``clipping * max(||w||, eps)`` when its
+    norm is at least that (Brock et al., 2021).
+    """
+    max_norm = xp.maximum(weight_norm, eps) * clipping
+    keep = grad_norm < max_norm
+    return xp.where(keep, 1.0, max_norm / xp.maximum(grad_norm, 1e-6))
+
+
+def unit_norms(xp: Namespace, x: Array, unit_axis: int) -> Array:
+    """L2 norm of each output unit of ``x`` (keepdims), the AGC convention.
+
+    Tensors of rank <= 1 are one unit. For rank >= 2, ``unit_axis`` names the
+    output axis: ``-1`` for JAX/Keras kernels ``(..., in, out)``, ``0`` for
+    torch weights ``(out, in, ...)``.
+    """
+    rank = xp.ndim(x)
+    sq = x * x
+    if rank <= 1:
+        return xp.sqrt(xp.sum(sq, axis=None, keepdims=False))
+    axis = unit_axis % rank
+    axes = tuple(a for a in range(rank) if a != axis)
+    return xp.sqrt(xp.sum(sq, axis=axes, keepdims=True))
+
+
+def penalty_coefficients(xp: Namespace, policy: Policy, state: PolicyState,
+                         weight_norm: Array | None = None) -> tuple[Any, Any]:
+    """Returns ``(l1, l2)`` for this step.
+
+    Python floats when ``penalty_when="always"`` (adapters skip the work when
+    both are 0); with ``penalty_when="weights_above"``, float32 arrays that are
+    the configured coefficients while the weight norm exceeds
+    ``weight_norm_max`` or grows faster than ``weight_growth_max`` per step,
+    and 0 otherwise.
+    """
+    if policy.penalty_when == "always" or not policy.has_penalty:
+        return policy.l1, policy.l2
+    if weight_norm is None:
+        raise ValueError("penalty_when='weights_above' needs the weight norm")
+    on = _weights_above(xp, policy, state, weight_norm)
+    l1 = xp.where(on, xp.asarray(policy.l1, xp.float32), 0.0)
+    l2 = xp.where(on, xp.asarray(policy.l2, xp.float32), 0.0)
+    return l1, l2
+
+
+def _weights_above(xp: Namespace, policy: Policy, state: PolicyState, wnorm: Array) -> Array:
+    on = xp.asarray(False, xp.bool)
+    if policy.weight_norm_max is not None:
+        on = xp.logical_or(on, wnorm > policy.weight_norm_max)
+    if policy.weight_growth_max is not None:
+        last = state.last_weight_norm
+        growth = (wnorm - last) / xp.maximum(last, _TINY)
+        known = xp.isfinite(last)
+        on = xp.logical_or(on, xp.logical_and(known, growth > policy.weight_growth_max))
+    return on
+
+
+# ---------------------------------------------------------------------------
+# The decision.
+# ---------------------------------------------------------------------------
+def decide(xp: Namespace, policy: Policy, state: PolicyState,
+           stats: GradStats) -> tuple[Decision, PolicyState]:
+    """Decides this step: skip, norm-clip scale, and the new state.
+
+    Pure and branch-free on array values; counters and statistics of a
+    skipped step stay as they were, except the skip counters.
+
+    Args:
+      xp: The array namespace of the statistics.
+      policy: The policy in force.
+      state: The state returned by the previous call (or :func:`init_state`).
+      stats: This step's :class:`GradStats`.
+
+    Returns:
+      ``(decision, new_state)``.
+    """
+    f32 = xp.float32
+    norm = xp.astype(stats.norm, f32)
+    raw_norm = norm if stats.raw_norm is None else xp.astype(stats.raw_norm, f32)
+    loss = None if stats.loss is None else xp.astype(stats.loss, f32)
+    finite = _finite(xp, stats, raw_norm, loss)
+
+    threshold = _threshold(xp, policy, state, raw_norm)
+    spike = _spike(xp, policy, state, raw_norm, loss)
+    nonfinite_skip = xp.logical_not(finite) if policy.skip_nonfinite else xp.asarray(False, xp.bool)
+    skip = xp.logical_or(nonfinite_skip, xp.logical_and(finite, spike))
+    apply = xp.logical_not(skip)
+
+    if policy.clip_norm is not None and policy.norm_scope == "global":
+        clipped = norm > threshold
+        scale = clip_scale(xp, norm, threshold)
+        inv_scale = xp.where(clipped, norm / threshold, 1.0)
+    else:
+        clipped = xp.asarray(False, xp.bool) if stats.clipped is None else stats.clipped
+        scale = xp.asarray(1.0, f32, like=norm)
+        inv_scale = scale
+    decision = Decision(
+        skip=skip,
+        scale=xp.astype(scale, f32),
+        inv_scale=xp.astype(inv_scale, f32),
+        found_inf=xp.astype(skip, f32),
+        threshold=xp.astype(threshold, f32),
+        clipped=xp.logical_and(apply, clipped),
+    )
+    new_state = _next_state(xp, policy, state, stats, decision, raw_norm, loss, finite, spike)
+    return decision, new_state
+
+
+def _finite(xp: Namespace, stats: GradStats, raw_norm: Array, loss: Array | None) -> Array:
+    finite = xp.isfinite(raw_norm) if stats.finite is None else stats.finite
+    if loss is not None:
+        finite = xp.logical_and(finite, xp.isfinite(loss))
+    return finite
+
+
+def _threshold(xp: Namespace, policy: Policy, state: PolicyState, norm: Array) -> Array:
+    """The norm threshold in force: ``clip_norm``, or an adaptive one capped by it."""
+    if policy.clip_norm is None:
+        return xp.asarray(math.inf, xp.float32, like=norm)
+    cap = xp.asarray(policy.clip_norm, xp.float32, like=norm)
+    if policy.adaptive == "zscore":
+        std = xp.sqrt(xp.maximum(state.ema_var, 0.0))
+        adaptive = state.ema_mean + policy.zscore_z * std
+    elif policy.adaptive == "percentile":
+        adaptive = _percentile(xp, policy, _ring_push(xp, state.norm_history, state.steps, norm),
+                               xp.minimum(state.steps + 1, policy.history))
+    else:
+        return cap
+    warm = state.steps >= policy.warmup
+    return xp.where(warm, xp.minimum(adaptive, cap), cap)
+
+
+def _ring_push(xp: Namespace, ring: Array, count: Array, value: Array) -> Array:
+    """Writes ``value`` at position ``count % len(ring)`` (a select, no scatter)."""
+    size = ring.shape[0]
+    slot = count % size
+    return xp.where(xp.arange(size, like=ring) == slot, value, ring)
+
+
+def _percentile(xp: Namespace, policy: Policy, ring: Array, count: Array) -> Array:
+    """The ``policy.percentile``-th percentile of the ``count`` valid ring entries.
+
+    Linear interpolation, as ``numpy.percentile``'s default.
+    """
+    size = ring.shape[0]
+    valid = xp.arange(size, like=ring) < count
+    ordered = xp.sort(xp.where(valid, ring, math.inf))
+    pos = xp.astype(xp.maximum(count - 1, 0), xp.float32) * (policy.percentile / 100.0)
+    lo = xp.astype(pos, xp.int32)  # floor: pos >= 0
+    hi = xp.minimum(lo + 1, xp.maximum(count - 1, 0))
+    frac = pos - xp.astype(lo, xp.float32)
+    low, high = xp.take(ordered, lo), xp.take(ordered, hi)
+    return low + (high - low) * frac
+
+
+def _window_mean_std(xp: Namespace, ring: Array, count: Array) -> tuple[Array, Array]:
+    size = ring.shape[0]
+    n = xp.minimum(count, size)
+    valid = xp.arange(size, like=ring) < n
+    denom = xp.astype(xp.maximum(n, 1), xp.float32)
+    mean = xp.sum(xp.where(valid, ring, 0.0)) / denom
+    dev = xp.where(valid, ring - mean, 0.0)
+    return mean, xp.sqrt(xp.sum(dev * dev) / denom)
+
+
+def _spike(xp: Namespace, policy: Policy, state: PolicyState, norm: Array,
+           loss: Array | None) -> Array:
+    """Whether this update is a loss / grad-norm spike (OLMo 2, Levanter)."""
+    if policy.spike_skip is None:
+        return xp.asarray(False, xp.bool)
+    value = _spike_value(policy, norm, loss)
+    mean, std = _window_mean_std(xp, state.spike_history, state.spike_count)
+    active = state.spike_count >= policy.spike_warmup
+    return xp.logical_and(active, value > mean + policy.spike_k * std)
+
+
+def _spike_value(policy: Policy, norm: Array, loss: Array | None) -> Array:
+    if policy.spike_skip == "grad_norm":
+        return norm
+    if loss is None:
+        raise ValueError(
+            "spike_skip='loss' needs the loss: pass it to step(loss=...) / update(value=...)"
+        )
+    return loss
+
+
+def _next_state(xp: Namespace, policy: Policy, state: PolicyState, stats: GradStats,
+                decision: Decision, norm: Array, loss: Array | None, finite: Array,
+                spike: Array) -> PolicyState:
+    skip = decision.skip
+    apply = xp.logical_not(skip)
+    one = xp.asarray(1, xp.int32, like=norm)
+
+    def count(counter: Array, event: Array) -> Array:
+        return counter + xp.where(event, one, 0 * one)
+
+    def keep(new: Array, old: Array) -> Array:
+        return xp.where(apply, new, old)
+
+    value_clipped = xp.asarray(False, xp.bool)
+    if policy.clip_value is not None and stats.max_abs is not None:
+        value_clipped = xp.logical_and(apply, stats.max_abs > policy.clip_value)
+    updates: dict[str, Array] = {
+        "steps": count(state.steps, apply),
+        "skips": count(state.skips, skip),
+        "consecutive_skips": xp.where(skip, state.consecutive_skips + one, 0 * one),
+        "nonfinite": count(state.nonfinite, xp.logical_not(finite)),
+        "spikes": count(state.spikes, xp.logical_and(skip, xp.logical_and(finite, spike))),
+        "norm_clips": count(state.norm_clips, decision.clipped),
+        "value_clips": count(state.value_clips, value_clipped),
+        "last_norm": keep(norm, state.last_norm),
+        "last_scale": keep(decision.scale, state.last_scale),
+        "threshold": keep(decision.threshold, state.threshold),
+    }
+    if loss is not None:
+        updates["last_loss"] = keep(loss, state.last_loss)
+    if stats.weight_norm is not None:
+        updates["last_weight_norm"] = keep(xp.astype(stats.weight_norm, xp.float32),
+                                           state.last_weight_norm)
+    updates.update(_adaptive_updates(xp, policy, state, norm, decision, keep))
+    updates.update(_spike_updates(xp, policy, state, norm, loss, keep))
+    return state._replace(**updates)
+
+
+def _adaptive_updates(xp: Namespace, policy: Policy, state: PolicyState, norm: Array,
+                      decision: Decision, keep: Any) -> dict[str, Array]:
+    if policy.adaptive == "percentile":
+        ring = _ring_push(xp, state.norm_history, state.steps, norm)
+        return {"norm_history": keep(ring, state.norm_history)}
+    if policy.adaptive != "zscore":
+        return {}
+    # ZClip: Welford's mean/variance over the warm-up, then an EMA fed with the
+    # clipped norm, so that a spike does not inflate its own threshold.
+    n = xp.astype(state.steps + 1, xp.float32)
+    delta = norm - state.ema_mean
+    w_mean = state.ema_mean + delta / n
+    w_var = state.ema_var + (delta * (norm - w_mean) - state.ema_var) / n
+    clipped_norm = xp.minimum(norm, decision.threshold)
+    alpha = policy.zscore_alpha
+    e_mean = alpha * state.ema_mean + (1.0 - alpha) * clipped_norm
+    e_var = alpha * state.ema_var + (1.0 - alpha) * (clipped_norm - e_mean) ** 2
+    warm = state.steps >= policy.warmup
+    mean = xp.where(warm, e_mean, w_mean)
+    var = xp.where(warm, e_var, w_var)
+    return {"ema_mean": keep(mean, state.ema_mean), "ema_var": keep(var, state.ema_var)}
+
+
+def _spike_updates(xp: Namespace, policy: Policy, state: PolicyState, norm: Array,
+                   loss: Array | None, keep: Any) -> dict[str, Array]:
+    if policy.spike_skip is None:
+        return {}
+    value = _spike_value(policy, norm, loss)
+    ring = _ring_push(xp, state.spike_history, state.spike_count, value)
+    one = xp.asarray(1, xp.int32, like=norm)
+    return {
+        "spike_history": keep(ring, state.spike_history),
+        "spike_count": keep(state.spike_count + one, state.spike_count),
+    }
+
+
+# ---------------------------------------------------------------------------
+# The whole pipeline over lists of arrays.
+# ---------------------------------------------------------------------------
+def global_norm(xp: Namespace, arrays: Sequence[Array]) -> Array:
+    """L2 norm over all ``arrays`` together, accumulated in float32."""
+    total = xp.asarray(0.0, xp.float32, like=arrays[0] if arrays else None)
+    for a in arrays:
+        a32 = xp.astype(a, xp.float32)
+        total = total + xp.sum(a32 * a32)
+    return xp.sqrt(total)
+
+
+def protect(xp: Namespace, policy: Policy, state: PolicyState, grads: Sequence[Array],
+            params: Sequence[Array] | None = None, loss: Array | None = None,
+            unit_axis: int = -1, track_weight_norm: bool = False,
+            ) -> tuple[list[Array], Decision, PolicyState]:
+    """Runs one protected step over lists of gradients.
+
+    Order: non-finite check, penalty added, value clip, norm clip. The
+    gradients returned are what the inner optimizer should see; when
+    ``decision.skip`` is true the caller must leave parameters and optimizer
+    state untouched (the returned gradients are then meaningless).
+
+    Args:
+      xp: The array namespace of ``grads``.
+      policy: The policy in force.
+      state: safeopt's state from the previous step.
+      grads: One gradient per parameter.
+      params: The parameters, in the same order (needed by the penalty and
+        the unitwise scope).
+      loss: This step's loss, if known.
+      unit_axis: Output-unit axis for ``norm_scope="unitwise"``: ``-1`` for
+        JAX/Keras kernels, ``0`` for torch weights.
+      track_weight_norm: Also compute the global weight norm (one more read
+        of the parameters) for the diagnosis; the adaptive penalty computes
+        it anyway.
+
+    Returns:
+      ``(new_grads, decision, new_state)``.
+    """
+    grads = list(grads)
+    if policy.needs_params and params is None:
+        raise ValueError(
+            "This policy needs the parameters (penalty or unitwise clipping): pass params."
+        )
+    raw_norm = global_norm(xp, grads)
+    want_wnorm = policy.needs_weight_norm or track_weight_norm
+    weight_norm = global_norm(xp, params) if want_wnorm and params is not None else None
+    l1, l2 = penalty_coefficients(xp, policy, state, weight_norm)
+    if policy.has_penalty and params is not None:
+        grads = [_add_penalty(xp, g, w, l1, l2) for g, w in zip(grads, params)]
+    max_abs = None
+    if policy.clip_value is not None:
+        max_abs = _max_abs(xp, grads)
+        v = policy.clip_value
+        grads = [xp.clip(g, -v, v) for g in grads]
+    changed = policy.has_penalty or policy.clip_value is not None
+    norm = global_norm(xp, grads) if changed else raw_norm
+    grads, clipped = _scope_clip(xp, policy, grads, params, unit_axis)
+    stats = GradStats(norm=norm, raw_norm=raw_norm, max_abs=max_abs, loss=loss,
+                      clipped=clipped, weight_norm=weight_norm)
+    decision, new_state = decide(xp, policy, state, stats)
+    if policy.clip_norm is not None and policy.norm_scope == "global":
+        grads = [g * xp.astype(decision.scale, g.dtype) for g in grads]
+    return grads, decision, new_state
+
+
+def _is_zero(c: Any) -> bool:
+    return isinstance(c, float) and c == 0.0
+
+
+def _add_penalty(xp: Namespace, g: Array, w: Array, l1: Any, l2: Any) -> Array:
+    """Adds the gradient of ``l1 * sum(|w|) + l2 * sum(w**2)`` to ``g``."""
+    def coef(c: Any) -> Any:
+        return c if isinstance(c, float) else xp.astype(c, g.dtype)
+
+    out = g
+    if not _is_zero(l1):
+        out = out + coef(l1) * xp.sign(w)
+    if not _is_zero(l2):
+        out = out + 2.0 * coef(l2) * w
+    return out
+
+
+def _max_abs(xp: Namespace, grads: Sequence[Array]) -> Array:
+    maxes = [xp.astype(xp.max(xp.abs(g)), xp.float32) for g in grads if math.prod(g.shape) > 0]
+    if not maxes:
+        return xp.asarray(0.0, xp.float32)
+    return xp.max(xp.stack(maxes))
+
+
+def _scope_clip(xp: Namespace, policy: Policy, grads: list[Array],
+                params: Sequence[Array] | None, unit_axis: int) -> tuple[list[Array], Array | None]:
+    """Per-tensor or unitwise clipping; global clipping waits for the decision."""
+    if policy.clip_norm is None or policy.norm_scope == "global" or not grads:
+        return grads, None
+    if policy.norm_scope == "per_tensor":
+        scales = [clip_scale(xp, global_norm(xp, [g]), policy.clip_norm) for g in grads]
+    else:
+        assert params is not None
+        scales = [
+            unit_scale(xp, unit_norms(xp, xp.astype(g, xp.float32), unit_axis),
+                       unit_norms(xp, xp.astype(w, xp.float32), unit_axis),
+                       policy.clip_norm, policy.unitwise_eps)
+            for g, w in zip(grads, params)
+        ]
+    clipped = xp.any(xp.stack([xp.any(s < 1.0) for s in scales]))
+    return [g * xp.astype(s, g.dtype) for g, s in zip(grads, scales)], clipped

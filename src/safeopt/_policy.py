@@ -1,0 +1,476 @@
+"""The safeopt policy: an immutable, validated configuration.
+
+A :class:`Policy` says what safeopt does to every gradient update: skip it
+when it carries NaN/Inf, add an L1/L2 weight penalty, clip every element to a
+bound, clip the norm. It loads from keyword arguments, a mapping, a TOML,
+YAML or JSON file, a preset name or the ``SAFEOPT_CONFIG`` environment
+variable, and every path validates the same way, so a typo or an
+out-of-range value fails early with a message that names the key, the value
+received and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from safeopt._errors import PolicyError
+
+NormScope = Literal["global", "per_tensor", "unitwise"]
+Adaptive = Literal["zscore", "percentile"]
+SpikeOn = Literal["loss", "grad_norm"]
+PenaltyWhen = Literal["always", "weights_above"]
+
+ENV_VAR = "SAFEOPT_CONFIG"
+_NORM_SCOPES = ("global", "per_tensor", "unitwise")
+_ADAPTIVE = ("zscore", "percentile")
+_SPIKE_ON = ("loss", "grad_norm")
+_PENALTY_WHEN = ("always", "weights_above")
+_FILE_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """What safeopt does to each gradient update.
+
+    Inside one step the actions run in a fixed order: non-finite check,
+    penalty added, value clip, norm clip. So after a step that is not skipped
+    every element satisfies ``|g| <= clip_value`` and the norm satisfies
+    ``||g|| <= clip_norm``; a skipped step changes nothing but the skip
+    counters.
+
+    Attributes:
+      clip_norm: Threshold on the gradient L2 norm; ``None`` (or ``False``)
+        turns norm clipping off. With ``norm_scope="unitwise"`` it is the
+        AGC clipping ratio lambda instead (Brock et al., 2021).
+      norm_scope: ``"global"`` (one norm over all gradients, as
+        ``torch.nn.utils.clip_grad_norm_`` and ``optax.clip_by_global_norm``;
+        Pascanu et al., 2013), ``"per_tensor"`` (each tensor on its own, like
+        Keras ``clipnorm``) or ``"unitwise"`` (each output unit against the
+        norm of its weights: adaptive gradient clipping).
+      clip_value: Clamp every gradient element to ``[-clip_value,
+        clip_value]``; ``None`` turns it off (0.5 is the usual value).
+      skip_nonfinite: Skip the whole update when any gradient (or the loss,
+        when given) is NaN or Inf.
+      l1: Coefficient of the ``l1 * sum(|w|)`` penalty (adds
+        ``l1 * sign(w)`` to each gradient).
+      l2: Coefficient of the ``l2 * sum(w**2)`` penalty (adds ``2 * l2 * w``
+        to each gradient), exactly the term a Keras ``L1L2`` regulariser adds.
+      unitwise_eps: AGC's floor on the weight norm of a unit.
+      max_consecutive_skips: Raise :class:`safeopt.DivergenceError` after
+        this many skipped steps in a row; ``None`` never raises.
+      adaptive: ``None`` (fixed ``clip_norm``), ``"zscore"`` (ZClip) or
+        ``"percentile"`` (AutoClip): derive the norm threshold from the run's
+        own gradient-norm history, capped by ``clip_norm``.
+      zscore_alpha: ZClip's EMA smoothing factor.
+      zscore_z: ZClip's z-score threshold.
+      warmup: Steps before an adaptive threshold takes over (``clip_norm``
+        applies until then).
+      percentile: AutoClip's percentile of the norm history.
+      history: Size of AutoClip's ring buffer of norms.
+      spike_skip: ``None``, ``"loss"`` or ``"grad_norm"``: skip an update
+        whose loss (or gradient norm) exceeds its running mean by more than
+        ``spike_k`` running standard deviations.
+      spike_window: Window of the running mean and variance.
+      spike_k: How many standard deviations make a spike.
+      spike_warmup: Updates seen before spike skipping becomes active.
+      penalty_when: ``"always"``, or ``"weights_above"``: apply the L1/L2
+        penalty only while the weight norm exceeds ``weight_norm_max`` or grows
+        faster than ``weight_growth_max`` per step (relative).
+      weight_norm_max: Weight-norm threshold for ``penalty_when``.
+      weight_growth_max: Relative weight-norm growth per step above which the
+        adaptive penalty turns on.
+      log_every: Telemetry interval in steps; 0 (the default) records nothing.
+    """
+
+    clip_norm: float | None = 1.0
+    norm_scope: NormScope = "global"
+    clip_value: float | None = None
+    skip_nonfinite: bool = True
+    l1: float = 0.0
+    l2: float = 0.0
+    unitwise_eps: float = 1e-3
+    max_consecutive_skips: int | None = 100
+    adaptive: Adaptive | None = None
+    zscore_alpha: float = 0.97
+    zscore_z: float = 2.5
+    warmup: int = 25
+    percentile: float = 10.0
+    history: int = 1024
+    spike_skip: SpikeOn | None = None
+    spike_window: int = 128
+    spike_k: float = 6.0
+    spike_warmup: int = 64
+    penalty_when: PenaltyWhen = "always"
+    weight_norm_max: float | None = None
+    weight_growth_max: float | None = None
+    log_every: int = 0
+
+    def __post_init__(self) -> None:
+        for spec in _SPECS:
+            value = spec.check(getattr(self, spec.key))
+            object.__setattr__(self, spec.key, value)
+        _check_combinations(self)
+
+    # -- derived properties -------------------------------------------------
+    @property
+    def is_noop(self) -> bool:
+        """True when the policy never changes an update (the ``off`` preset)."""
+        return (
+            self.clip_norm is None
+            and self.clip_value is None
+            and not self.skip_nonfinite
+            and self.l1 == 0.0
+            and self.l2 == 0.0
+            and self.spike_skip is None
+        )
+
+    @property
+    def has_penalty(self) -> bool:
+        """True when an L1 or L2 penalty may be added to the gradients."""
+        return self.l1 != 0.0 or self.l2 != 0.0
+
+    @property
+    def needs_params(self) -> bool:
+        """True when the policy reads the parameters (penalty, unitwise)."""
+        return self.has_penalty or (
+            self.clip_norm is not None and self.norm_scope == "unitwise"
+        )
+
+    @property
+    def needs_weight_norm(self) -> bool:
+        """True when the decision reads the global weight norm."""
+        return self.has_penalty and self.penalty_when == "weights_above"
+
+    def replace(self, **changes: Any) -> Policy:
+        """Returns a copy with ``changes`` applied (and validated)."""
+        _reject_unknown(changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the policy as a plain mapping that ``Policy(**m)`` accepts."""
+        return dataclasses.asdict(self)
+
+    # -- loaders --------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> Policy:
+        """Builds a policy from a mapping, rejecting unknown keys.
+
+        A mapping with a single ``safeopt`` table (as a TOML file has) is
+        unwrapped first.
+        """
+        if not isinstance(mapping, Mapping):
+            raise PolicyError(
+                f"A policy mapping must be a mapping of config keys. "
+                f"Received: {type(mapping).__name__}"
+            )
+        table = _unwrap_table(mapping)
+        _reject_unknown(table)
+        return cls(**table)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Policy:
+        """Loads a policy from a TOML, YAML or JSON file.
+
+        The keys may sit in a ``[safeopt]`` table (or ``[tool.safeopt]`` in a
+        ``pyproject.toml``) or at the file's top level. YAML is read with
+        ``yaml.safe_load``: no config can execute code.
+        """
+        file = Path(path)
+        if not file.is_file():
+            raise PolicyError(f"Policy file not found. Received: path={str(path)!r}")
+        return cls.from_mapping(_read_file(file))
+
+    @classmethod
+    def from_preset(cls, name: str) -> Policy:
+        """Returns the named preset (see :data:`PRESETS`)."""
+        if name not in PRESETS:
+            raise PolicyError(
+                f"`preset` must be one of {sorted(PRESETS)}{_did_you_mean(name, PRESETS)}. "
+                f"Received: preset={name!r}"
+            )
+        return cls.from_mapping(PRESETS[name])
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Policy:
+        """Loads ``$SAFEOPT_CONFIG``: a preset name, a file path or inline JSON.
+
+        Falls back to the defaults when the variable is unset or empty.
+        """
+        value = (os.environ if environ is None else environ).get(ENV_VAR, "").strip()
+        if not value:
+            return cls()
+        if value.startswith("{"):
+            try:
+                return cls.from_mapping(json.loads(value))
+            except json.JSONDecodeError as err:
+                raise PolicyError(f"${ENV_VAR} holds invalid JSON ({err}). Received: {value!r}") from None
+        return _from_string(value)
+
+
+PolicyLike = Union[Policy, Mapping[str, Any], str, "os.PathLike[str]", None]
+
+
+def load_policy(spec: PolicyLike = None) -> Policy:
+    """Turns anything :func:`safeopt.wrap` accepts as a policy into a :class:`Policy`.
+
+    Args:
+      spec: A :class:`Policy`; a mapping of config keys; a preset name; a
+        path to a TOML/YAML/JSON file; or ``None``, which reads
+        ``$SAFEOPT_CONFIG`` and falls back to the defaults.
+
+    Returns:
+      The validated policy.
+
+    Raises:
+      PolicyError: naming the key, the value received and what is allowed.
+    """
+    if spec is None:
+        return Policy.from_env()
+    if isinstance(spec, Policy):
+        return spec
+    if isinstance(spec, Mapping):
+        return Policy.from_mapping(spec)
+    if isinstance(spec, (str, os.PathLike)):
+        return _from_string(os.fspath(spec))
+    raise PolicyError(
+        "`policy` must be a Policy, a mapping, a preset name, a file path or None. "
+        f"Received: policy={spec!r}"
+    )
+
+
+#: Named policies. ``off`` turns the wrapper into a pass-through (for A/B runs).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "off": {"clip_norm": None, "skip_nonfinite": False, "max_consecutive_skips": None},
+    "strict": {"clip_norm": 1.0, "clip_value": 0.5},
+    "agc": {"clip_norm": 0.01, "norm_scope": "unitwise"},
+    "zscore": {"adaptive": "zscore"},
+    "autoclip": {"adaptive": "percentile"},
+    "spike": {"spike_skip": "loss"},
+}
+
+
+# ---------------------------------------------------------------------------
+# Field specifications: one validator per key.
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    key: str
+    kind: str  # "float", "int", "bool", "choice"
+    allowed: str
+    optional: bool = False
+    false_is_none: bool = False
+    low: float | None = None
+    low_inclusive: bool = True
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def check(self, value: Any) -> Any:
+        if value is None or (self.false_is_none and value is False):
+            if self.optional:
+                return None
+            self._fail(value)
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                self._fail(value)
+            return value
+        if self.kind == "choice":
+            if value not in self.choices:
+                self._fail(value, _did_you_mean(value, self.choices))
+            return value
+        return self._check_number(value)
+
+    def _check_number(self, value: Any) -> float | int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self._fail(value)
+        if self.kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                self._fail(value)
+            number: float | int = int(value)
+        else:
+            number = float(value)
+            if not math.isfinite(number):
+                self._fail(value)
+        below = self.low is not None and (
+            number < self.low or (number == self.low and not self.low_inclusive)
+        )
+        above = self.high is not None and number > self.high
+        if below or above:
+            self._fail(value)
+        return number
+
+    def _fail(self, value: Any, hint: str = "") -> None:
+        raise PolicyError(
+            f"`{self.key}` must be {self.allowed}{hint}. Received: {self.key}={value!r}"
+        )
+
+
+def _positive(key: str, optional: bool = False) -> _Spec:
+    allowed = "a positive number" + (" or None" if optional else "")
+    return _Spec(key, "float", allowed, optional=optional, false_is_none=optional, low=0.0,
+                 low_inclusive=False)
+
+
+def _nonnegative(key: str) -> _Spec:
+    return _Spec(key, "float", "a number >= 0", low=0.0)
+
+
+def _count(key: str, low: int, optional: bool = False) -> _Spec:
+    allowed = f"an integer >= {low}" + (" or None" if optional else "")
+    return _Spec(key, "int", allowed, optional=optional, false_is_none=optional, low=low)
+
+
+def _choice(key: str, choices: tuple[str, ...], optional: bool = False) -> _Spec:
+    allowed = f"one of {list(choices)}" + (" or None" if optional else "")
+    return _Spec(key, "choice", allowed, optional=optional, false_is_none=optional,
+                 choices=choices)
+
+
+_SPECS: tuple[_Spec, ...] = (
+    _positive("clip_norm", optional=True),
+    _choice("norm_scope", _NORM_SCOPES),
+    _positive("clip_value", optional=True),
+    _Spec("skip_nonfinite", "bool", "True or False"),
+    _nonnegative("l1"),
+    _nonnegative("l2"),
+    _positive("unitwise_eps"),
+    _count("max_consecutive_skips", 1, optional=True),
+    _choice("adaptive", _ADAPTIVE, optional=True),
+    _Spec("zscore_alpha", "float", "a number in (0, 1)", low=0.0, low_inclusive=False, high=1.0),
+    _positive("zscore_z"),
+    _count("warmup", 0),
+    _Spec("percentile", "float", "a number in (0, 100]", low=0.0, low_inclusive=False,
+          high=100.0),
+    _count("history", 1),
+    _choice("spike_skip", _SPIKE_ON, optional=True),
+    _count("spike_window", 2),
+    _positive("spike_k"),
+    _count("spike_warmup", 1),
+    _choice("penalty_when", _PENALTY_WHEN),
+    _positive("weight_norm_max", optional=True),
+    _positive("weight_growth_max", optional=True),
+    _count("log_every", 0),
+)
+
+KEYS: tuple[str, ...] = tuple(spec.key for spec in _SPECS)
+
+
+def _check_combinations(policy: Policy) -> None:
+    if policy.adaptive is not None and policy.norm_scope != "global":
+        raise PolicyError(
+            "`adaptive` derives one threshold for the global norm and needs "
+            f"norm_scope='global'. Received: adaptive={policy.adaptive!r}, "
+            f"norm_scope={policy.norm_scope!r}"
+        )
+    if policy.adaptive is not None and policy.clip_norm is None:
+        raise PolicyError(
+            "`adaptive` caps its threshold by `clip_norm`, which must be a positive number. "
+            f"Received: adaptive={policy.adaptive!r}, clip_norm=None"
+        )
+    if policy.adaptive == "percentile" and policy.warmup > policy.history:
+        raise PolicyError(
+            f"`warmup` must be at most `history` ({policy.history}) with adaptive='percentile'. "
+            f"Received: warmup={policy.warmup}"
+        )
+    if policy.penalty_when == "weights_above" and (
+        policy.weight_norm_max is None and policy.weight_growth_max is None
+    ):
+        raise PolicyError(
+            "penalty_when='weights_above' needs `weight_norm_max` or `weight_growth_max`. "
+            "Received: weight_norm_max=None, weight_growth_max=None"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Helpers for loaders.
+# ---------------------------------------------------------------------------
+def _did_you_mean(value: Any, options: Any) -> str:
+    if not isinstance(value, str):
+        return ""
+    close = difflib.get_close_matches(value, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _reject_unknown(mapping: Mapping[str, Any]) -> None:
+    for key in mapping:
+        if key not in KEYS:
+            hint = _did_you_mean(key, KEYS) or ""
+            raise PolicyError(
+                f"Unknown policy key {key!r}{hint}. Allowed keys: {', '.join(KEYS)}. "
+                f"Received: {key}={mapping[key]!r}"
+            )
+
+
+def _unwrap_table(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    tool = mapping.get("tool")
+    if isinstance(tool, Mapping) and isinstance(tool.get("safeopt"), Mapping):
+        return dict(tool["safeopt"])
+    table = mapping.get("safeopt")
+    if isinstance(table, Mapping):
+        return dict(table)
+    return dict(mapping)
+
+
+def _read_file(file: Path) -> Mapping[str, Any]:
+    suffix = file.suffix.lower()
+    text = file.read_text(encoding="utf-8")
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        if suffix in (".yaml", ".yml"):
+            return _read_yaml(text, file)
+        if suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise PolicyError(
+                f"A policy file must end in one of {list(_FILE_SUFFIXES)}. "
+                f"Received: path={str(file)!r}"
+            )
+    except (ValueError, TypeError) as err:  # tomllib/json decode errors
+        if isinstance(err, PolicyError):
+            raise
+        raise PolicyError(f"Cannot parse policy file {str(file)!r}: {err}") from None
+    return _as_mapping(data, file)
+
+
+def _read_yaml(text: str, file: Path) -> Mapping[str, Any]:
+    try:
+        import yaml
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise PolicyError(
+            f"Reading {str(file)!r} needs PyYAML: pip install pyyaml"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise PolicyError(f"Cannot parse policy file {str(file)!r}: {err}") from None
+    return _as_mapping({} if data is None else data, file)
+
+
+def _as_mapping(data: Any, file: Path) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise PolicyError(
+            f"A policy file must hold a mapping of config keys. "
+            f"Received: {type(data).__name__} in {str(file)!r}"
+        )
+    return data
+
+
+def _from_string(value: str) -> Policy:
+    if value in PRESETS:
+        return Policy.from_preset(value)
+    if value.lower().endswith(_FILE_SUFFIXES) or os.sep in value or Path(value).exists():
+        return Policy.from_file(value)
+    raise PolicyError(
+        f"`policy` must be a preset name (one of {sorted(PRESETS)}) or a path to a "
+        f".toml/.yaml/.json file{_did_you_mean(value, PRESETS)}. Received: policy={value!r}"
+    )
