@@ -62,6 +62,8 @@ class PolicyState(NamedTuple):
     norm_history: Array  # AutoClip: ring buffer of gradient norms
     spike_history: Array  # loss-spike skip: ring buffer of losses or gradient norms
     spike_count: Array  # values written into spike_history
+    layer_norm_ema: Array  # per tensor: EMA of the raw gradient norm (monitor)
+    layer_over_frac: Array  # per tensor: EMA of 1[raw gradient norm > 1] (monitor)
 
 
 class GradStats(NamedTuple):
@@ -78,6 +80,8 @@ class GradStats(NamedTuple):
       clipped: For ``per_tensor`` and ``unitwise`` scopes: whether any tensor or
         unit was clipped (the adapter applies those scales itself).
       weight_norm: Global L2 norm of the parameters, when gathered.
+      tensor_norms: Raw (pre-clip) L2 norm of each gradient tensor, float32,
+        1-d, in parameter order: feeds the per-layer monitor.
     """
 
     norm: Array
@@ -87,6 +91,7 @@ class GradStats(NamedTuple):
     loss: Array | None = None
     clipped: Array | None = None
     weight_norm: Array | None = None
+    tensor_norms: Array | None = None
 
 
 class Decision(NamedTuple):
@@ -117,19 +122,23 @@ class Decision(NamedTuple):
 # ---------------------------------------------------------------------------
 # State.
 # ---------------------------------------------------------------------------
-def state_shapes(policy: Policy) -> dict[str, tuple[tuple[int, ...], str]]:
+def state_shapes(policy: Policy, n_tensors: int = 0) -> dict[str, tuple[tuple[int, ...], str]]:
     """Returns ``{field: (shape, dtype name)}`` of the state for ``policy``.
 
-    Ring buffers are allocated only for the policies that use them.
+    Ring buffers are allocated only for the policies that use them; per-layer
+    monitor fields have one entry per parameter tensor.
     """
     ring = policy.history if policy.adaptive == "percentile" else 1
     spike = policy.spike_window if policy.spike_skip is not None else 1
     shapes: dict[str, tuple[tuple[int, ...], str]] = {}
     for name in PolicyState._fields:
-        dtype = "float32" if name.startswith(("last_", "ema_", "threshold")) else "int32"
+        dtype = "float32" if name.startswith(("last_", "ema_", "threshold", "layer_")) \
+            else "int32"
         shapes[name] = ((), dtype)
     shapes["norm_history"] = ((ring,), "float32")
     shapes["spike_history"] = ((spike,), "float32")
+    shapes["layer_norm_ema"] = ((n_tensors,), "float32")
+    shapes["layer_over_frac"] = ((n_tensors,), "float32")
     return shapes
 
 
@@ -143,16 +152,18 @@ def _initial_value(name: str, policy: Policy) -> float:
     return 0.0
 
 
-def init_state(xp: Namespace, policy: Policy, like: Array | None = None) -> PolicyState:
+def init_state(xp: Namespace, policy: Policy, like: Array | None = None,
+               n_tensors: int = 0) -> PolicyState:
     """Returns the initial :class:`PolicyState` for ``policy``.
 
     Args:
       xp: The array namespace (see :func:`safeopt.namespace`).
       policy: The policy whose state to build.
       like: An array whose device the state should live on (torch).
+      n_tensors: Number of parameter tensors (sizes the per-layer monitor).
     """
     fields = {}
-    for name, (shape, dtype_name) in state_shapes(policy).items():
+    for name, (shape, dtype_name) in state_shapes(policy, n_tensors).items():
         dtype = getattr(xp, dtype_name)
         value = _initial_value(name, policy)
         fields[name] = xp.asarray(_filled(shape, value), dtype, like=like)
@@ -162,7 +173,7 @@ def init_state(xp: Namespace, policy: Policy, like: Array | None = None) -> Poli
 def _filled(shape: tuple[int, ...], value: float) -> Any:
     if not shape:
         return value
-    return [value] * shape[0]
+    return [value] * shape[0] if shape[0] else []
 
 
 # ---------------------------------------------------------------------------
@@ -402,6 +413,7 @@ def _next_state(xp: Namespace, policy: Policy, state: PolicyState, stats: GradSt
         updates["last_weight_norm"] = keep(xp.astype(stats.weight_norm, xp.float32),
                                            state.last_weight_norm)
     updates.update(_adaptive_updates(xp, policy, state, norm, decision, keep))
+    updates.update(_monitor_updates(xp, policy, state, stats, keep))
     updates.update(_spike_updates(xp, policy, state, norm, loss, keep))
     return state._replace(**updates)
 
@@ -427,6 +439,21 @@ def _adaptive_updates(xp: Namespace, policy: Policy, state: PolicyState, norm: A
     mean = xp.where(warm, e_mean, w_mean)
     var = xp.where(warm, e_var, w_var)
     return {"ema_mean": keep(mean, state.ema_mean), "ema_var": keep(var, state.ema_var)}
+
+
+def _monitor_updates(xp: Namespace, policy: Policy, state: PolicyState, stats: GradStats,
+                     keep: Any) -> dict[str, Array]:
+    """Per-layer EMAs of the raw gradient norm and of ``norm > 1`` (diagnosis)."""
+    if stats.tensor_norms is None or state.layer_norm_ema.shape[0] == 0:
+        return {}
+    norms = xp.astype(stats.tensor_norms, xp.float32)
+    beta = 1.0 / policy.monitor_window
+    first = state.steps == 0
+    over = xp.astype(norms > 1.0, xp.float32)
+    ema = xp.where(first, norms, state.layer_norm_ema + beta * (norms - state.layer_norm_ema))
+    frac = xp.where(first, over, state.layer_over_frac + beta * (over - state.layer_over_frac))
+    return {"layer_norm_ema": keep(ema, state.layer_norm_ema),
+            "layer_over_frac": keep(frac, state.layer_over_frac)}
 
 
 def _spike_updates(xp: Namespace, policy: Policy, state: PolicyState, norm: Array,
@@ -487,7 +514,8 @@ def protect(xp: Namespace, policy: Policy, state: PolicyState, grads: Sequence[A
         raise ValueError(
             "This policy needs the parameters (penalty or unitwise clipping): pass params."
         )
-    raw_norm = global_norm(xp, grads)
+    tensor_norms = _tensor_norms(xp, grads)
+    raw_norm = xp.sqrt(xp.sum(tensor_norms * tensor_norms)) if grads else global_norm(xp, grads)
     want_wnorm = policy.needs_weight_norm or track_weight_norm
     weight_norm = global_norm(xp, params) if want_wnorm and params is not None else None
     l1, l2 = penalty_coefficients(xp, policy, state, weight_norm)
@@ -502,11 +530,19 @@ def protect(xp: Namespace, policy: Policy, state: PolicyState, grads: Sequence[A
     norm = global_norm(xp, grads) if changed else raw_norm
     grads, clipped = _scope_clip(xp, policy, grads, params, unit_axis)
     stats = GradStats(norm=norm, raw_norm=raw_norm, max_abs=max_abs, loss=loss,
-                      clipped=clipped, weight_norm=weight_norm)
+                      clipped=clipped, weight_norm=weight_norm,
+                      tensor_norms=tensor_norms if grads else None)
     decision, new_state = decide(xp, policy, state, stats)
     if policy.clip_norm is not None and policy.norm_scope == "global":
         grads = [g * xp.astype(decision.scale, g.dtype) for g in grads]
     return grads, decision, new_state
+
+
+def _tensor_norms(xp: Namespace, grads: Sequence[Array]) -> Array:
+    """The L2 norm of each tensor, float32, stacked into one 1-d array."""
+    if not grads:
+        return xp.zeros((0,), xp.float32)
+    return xp.stack([global_norm(xp, [g]) for g in grads])
 
 
 def _is_zero(c: Any) -> bool:

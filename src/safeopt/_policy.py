@@ -87,6 +87,11 @@ class Policy:
       weight_growth_max: Relative weight-norm growth per step above which the
         adaptive penalty turns on.
       log_every: Telemetry interval in steps; 0 (the default) records nothing.
+      monitor_every: Every this many steps the adapters also gather the
+        global weight norm for the diagnosis (one extra read of the
+        parameters on those steps only); 0 turns it off.
+      monitor_window: Window, in steps, of the per-layer statistics the
+        diagnosis reads (EMAs with ``alpha = 1 - 1 / monitor_window``).
     """
 
     clip_norm: float | None = 1.0
@@ -111,6 +116,8 @@ class Policy:
     weight_norm_max: float | None = None
     weight_growth_max: float | None = None
     log_every: int = 0
+    monitor_every: int = 10
+    monitor_window: int = 50
 
     def __post_init__(self) -> None:
         for spec in _SPECS:
@@ -357,6 +364,8 @@ _SPECS: tuple[_Spec, ...] = (
     _positive("weight_norm_max", optional=True),
     _positive("weight_growth_max", optional=True),
     _count("log_every", 0),
+    _count("monitor_every", 0),
+    _count("monitor_window", 2),
 )
 
 KEYS: tuple[str, ...] = tuple(spec.key for spec in _SPECS)

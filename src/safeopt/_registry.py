@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from safeopt._decide import PolicyState
-from safeopt._errors import AdapterError
+from safeopt._errors import AdapterError, DivergenceError
 from safeopt._policy import Policy, PolicyLike, load_policy
 
 GROUP = "safeopt.adapters"
@@ -211,3 +211,61 @@ def summarize(policy: Policy, state: PolicyState, extra: dict[str, Any] | None =
     if math.isnan(out["last_weight_norm"]):
         out.pop("last_weight_norm")
     return out
+
+
+def check(obj: Any) -> dict[str, Any]:
+    """Reads the counters and raises if the run is diverging (a host boundary).
+
+    Adapters call it where they already synchronise; in compiled training
+    loops (``jax.jit``) call it yourself every few steps.
+
+    Args:
+      obj: A wrapped optimizer or the state of a wrapped Optax transformation.
+
+    Returns:
+      :func:`stats` of ``obj``.
+
+    Raises:
+      DivergenceError: ``max_consecutive_skips`` updates in a row were skipped.
+    """
+    adapter = _owner(obj)
+    policy, state, extra = adapter.read(obj)
+    counters = summarize(policy, state, {"framework": adapter.name, **extra})
+    raise_if_diverged(policy, counters, obj)
+    return counters
+
+
+def raise_if_diverged(policy: Policy, counters: dict[str, Any], obj: Any = None) -> None:
+    """Raises :class:`DivergenceError` when ``counters`` show too many skips in a row.
+
+    Args:
+      policy: The policy in force (``max_consecutive_skips``).
+      counters: At least ``consecutive_skips`` (as :func:`stats` returns).
+      obj: The wrapped optimizer or state, to attach its diagnosis.
+    """
+    limit = policy.max_consecutive_skips
+    streak = int(counters["consecutive_skips"])
+    if limit is None or streak < limit:
+        return
+    raise DivergenceError(
+        f"safeopt skipped {streak} consecutive updates (max_consecutive_skips={limit}): "
+        "the gradients or the loss keep coming out NaN/Inf, so training stops here instead "
+        "of going on with garbage. Lower the learning rate, check the data and the loss for "
+        "NaN, or raise max_consecutive_skips.",
+        diagnosis=_diagnosis_of(obj),
+        stats=counters,
+    )
+
+
+def _diagnosis_of(obj: Any) -> Any:
+    if obj is None:
+        return None
+    try:
+        from safeopt._diagnose import diagnose
+    except ImportError:
+        return None
+    try:
+        return diagnose(obj)
+    except Exception as err:  # the error must still be raised
+        warnings.warn(f"safeopt could not diagnose the run: {err}", RuntimeWarning, stacklevel=3)
+        return None
