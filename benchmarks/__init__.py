@@ -1,0 +1,1 @@
+"""safeopt's benchmarks (installed as ``safeopt_bench``): overhead and stability."""
