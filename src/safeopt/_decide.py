@@ -35,6 +35,7 @@ from safeopt._policy import Policy
 from safeopt._xp import Array, Namespace
 
 _TINY = 1e-12
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 class PolicyState(NamedTuple):
@@ -182,11 +183,10 @@ def _filled(shape: tuple[int, ...], value: float) -> Any:
 def clip_scale(xp: Namespace, norm: Array, threshold: Array | float) -> Array:
     """Norm-clip multiplier: ``threshold / norm`` where ``norm > threshold``, else 1.
 
-    A NaN norm gives 1 (the non-finite check decides about it), an infinite
-    threshold gives 1, and the result is never NaN or Inf for a finite
-    positive threshold.
+    A non-finite norm gives 1 (the non-finite check decides about it), an
+    infinite threshold gives 1, and the result is always in (0, 1].
     """
-    over = norm > threshold
+    over = xp.logical_and(norm > threshold, xp.isfinite(norm))
     return xp.where(over, threshold / xp.where(over, norm, 1.0), 1.0)
 
 
@@ -282,9 +282,9 @@ def decide(xp: Namespace, policy: Policy, state: PolicyState,
     apply = xp.logical_not(skip)
 
     if policy.clip_norm is not None and policy.norm_scope == "global":
-        clipped = norm > threshold
+        clipped = xp.logical_and(norm > threshold, xp.isfinite(norm))
         scale = clip_scale(xp, norm, threshold)
-        inv_scale = xp.where(clipped, norm / threshold, 1.0)
+        inv_scale = xp.where(clipped, xp.minimum(norm / threshold, _FLOAT32_MAX), 1.0)
     else:
         clipped = xp.asarray(False, xp.bool) if stats.clipped is None else stats.clipped
         scale = xp.asarray(1.0, f32, like=norm)

@@ -35,8 +35,20 @@ _PENALTY_WHEN = ("always", "weights_above")
 _FILE_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
 
 
+class _ValidatingMeta(type):
+    """Checks ``Policy(**kwargs)`` for unknown keys before the dataclass sees them."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            raise PolicyError(
+                f"Policy takes keyword arguments only. Received: {len(args)} positional"
+            )
+        _reject_unknown(kwargs)
+        return super().__call__(**kwargs)
+
+
 @dataclasses.dataclass(frozen=True)
-class Policy:
+class Policy(metaclass=_ValidatingMeta):
     """What safeopt does to each gradient update.
 
     Inside one step the actions run in a fixed order: non-finite check,
@@ -199,8 +211,8 @@ class Policy:
         """Returns the named preset (see :data:`PRESETS`)."""
         if name not in PRESETS:
             raise PolicyError(
-                f"`preset` must be one of {sorted(PRESETS)}{_did_you_mean(name, PRESETS)}. "
-                f"Received: preset={name!r}"
+                f"`preset` must be one of {sorted(PRESETS)}"
+                f"{_did_you_mean(name, PRESETS)}. Received: preset={name!r}"
             )
         return cls.from_mapping(PRESETS[name])
 
@@ -217,7 +229,9 @@ class Policy:
             try:
                 return cls.from_mapping(json.loads(value))
             except json.JSONDecodeError as err:
-                raise PolicyError(f"${ENV_VAR} holds invalid JSON ({err}). Received: {value!r}") from None
+                raise PolicyError(
+                    f"${ENV_VAR} holds invalid JSON ({err}). Received: {value!r}"
+                ) from None
         return _from_string(value)
 
 
@@ -277,6 +291,7 @@ class _Spec:
     low: float | None = None
     low_inclusive: bool = True
     high: float | None = None
+    high_inclusive: bool = True
     choices: tuple[str, ...] = ()
 
     def check(self, value: Any) -> Any:
@@ -308,7 +323,9 @@ class _Spec:
         below = self.low is not None and (
             number < self.low or (number == self.low and not self.low_inclusive)
         )
-        above = self.high is not None and number > self.high
+        above = self.high is not None and (
+            number > self.high or (number == self.high and not self.high_inclusive)
+        )
         if below or above:
             self._fail(value)
         return number
@@ -350,7 +367,8 @@ _SPECS: tuple[_Spec, ...] = (
     _positive("unitwise_eps"),
     _count("max_consecutive_skips", 1, optional=True),
     _choice("adaptive", _ADAPTIVE, optional=True),
-    _Spec("zscore_alpha", "float", "a number in (0, 1)", low=0.0, low_inclusive=False, high=1.0),
+    _Spec("zscore_alpha", "float", "a number in (0, 1)", low=0.0, low_inclusive=False, high=1.0,
+          high_inclusive=False),
     _positive("zscore_z"),
     _count("warmup", 0),
     _Spec("percentile", "float", "a number in (0, 100]", low=0.0, low_inclusive=False,

@@ -93,7 +93,9 @@ def _framework_root(ep: metadata.EntryPoint) -> str:
 
 def _active_adapters(obj: Any = None) -> list[Adapter]:
     """Adapters whose framework the caller has imported, best match first."""
-    roots = {cls.__module__.split(".")[0] for cls in type(obj).__mro__} if obj is not None else set()
+    roots = set()
+    if obj is not None:
+        roots = {cls.__module__.split(".")[0] for cls in type(obj).__mro__}
     ranked = sorted(_entry_points(), key=lambda ep: _framework_root(ep) not in roots)
     adapters = []
     for ep in ranked:
