@@ -1,0 +1,413 @@
+"""``SafeOptimizer``: a Keras 3 optimizer that wraps another one.
+
+Modelled on Keras's own ``LossScaleOptimizer``: it builds and owns the inner
+optimizer, forwards ``learning_rate`` and ``iterations`` to it, skips with
+``ops.cond`` (a plain Python ``if`` on the torch backend, where Keras runs
+eagerly), implements ``stateless_apply`` for the JAX trainer and nests the
+inner optimizer in ``get_config``.
+
+Every step runs :func:`safeopt.protect` (the core's pipeline: non-finite
+check, penalty, value clip, norm clip, decision) with the backend's own array
+namespace on the backend's own tensors, inside the compiled step, and hands
+the protected gradients to the inner optimizer only when the step is not
+skipped. safeopt's :class:`safeopt.PolicyState` lives in non-trainable
+optimizer variables, one per field, created in :meth:`SafeOptimizer.build`,
+so that ``model.save`` writes it and ``keras.models.load_model`` restores it.
+
+On the TensorFlow backend under a ``tf.distribute`` strategy the wrapper
+all-reduces the gradients itself, decides on the sums (every replica sees the
+same sums, so every replica takes the same decision) and hands the reduced
+gradients to the inner optimizer with its own all-reduce turned off for that
+call. Keras's ``clipnorm`` family, by contrast, clips each replica's
+gradients before the all-reduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+from keras.src.utils import tracking
+
+import safeopt
+from safeopt import Policy, PolicyState
+
+_CLIP_ARGS = {
+    "global_clipnorm": lambda v: {"clip_norm": v, "norm_scope": "global"},
+    "clipnorm": lambda v: {"clip_norm": v, "norm_scope": "per_tensor"},
+    "clipvalue": lambda v: {"clip_value": v},
+}
+
+
+def _check_inner(inner: Any) -> None:
+    """Refuses inner optimizers whose own features would act twice or first."""
+    if not isinstance(inner, keras.optimizers.Optimizer):
+        raise TypeError(
+            "`inner_optimizer` must be a `keras.optimizers.Optimizer`. "
+            f"Received: inner_optimizer={inner!r} of type {type(inner).__name__}"
+        )
+    if isinstance(inner, (SafeOptimizer, keras.optimizers.LossScaleOptimizer)):
+        raise ValueError(
+            "`inner_optimizer` must not be a `LossScaleOptimizer` or already wrapped by "
+            "safeopt: wrap the plain optimizer and put the loss scaling outside, "
+            "`keras.optimizers.LossScaleOptimizer(safeopt.wrap(opt, policy))`, so that "
+            "safeopt sees unscaled gradients. "
+            f"Received: inner_optimizer={type(inner).__name__}"
+        )
+    for arg, remedy in _CLIP_ARGS.items():
+        value = getattr(inner, arg, None)
+        if value is not None:
+            raise ValueError(
+                f"`inner_optimizer` must not clip gradients itself: safeopt clips them (after "
+                f"its non-finite check and penalty), so clipping there would apply twice. "
+                f"Received: {arg}={value}. Remove `{arg}` from the inner optimizer and put it "
+                f"in the policy instead: {remedy(value)}."
+            )
+    if inner.gradient_accumulation_steps:
+        raise ValueError(
+            "`inner_optimizer` must not accumulate gradients: safeopt would decide on each "
+            "micro-batch instead of on the accumulated gradient. "
+            f"Received: gradient_accumulation_steps={inner.gradient_accumulation_steps}. "
+            "Accumulate in the training loop (or use a larger batch) instead."
+        )
+
+
+@keras.saving.register_keras_serializable(package="safeopt")
+class SafeOptimizer(keras.optimizers.Optimizer):
+    """A Keras optimizer whose every step follows a safeopt policy.
+
+    Built by ``safeopt.wrap(keras_optimizer, policy)``. It skips updates that
+    carry NaN/Inf, adds the L1/L2 penalty, clips by value and by norm (global,
+    per tensor or unitwise), all decided inside the compiled step; a skipped
+    step leaves the weights, the inner optimizer's variables and its
+    ``iterations`` untouched.
+
+    Clipping is never applied twice: an inner optimizer with ``clipnorm``,
+    ``clipvalue`` or ``global_clipnorm`` is refused, with the policy keys to
+    use instead. An inner ``loss_scale_factor`` is taken over (the wrapper
+    unscales the gradients before it decides).
+
+    Args:
+      inner_optimizer: The ``keras.optimizers.Optimizer`` to wrap (built by
+        the wrapper).
+      policy: Anything :func:`safeopt.load_policy` accepts.
+      name: The optimizer's name.
+      loss_scale_factor: Constant loss scale (taken over from the inner
+        optimizer by :func:`safeopt.wrap`).
+
+    Example:
+      >>> import keras, safeopt
+      >>> opt = safeopt.wrap(keras.optimizers.Adam(1e-3), {"clip_norm": 1.0})
+      >>> isinstance(opt, keras.optimizers.Optimizer)
+      True
+    """
+
+    def __init__(self, inner_optimizer: Any, policy: Any = None, name: str | None = None,
+                 loss_scale_factor: float | None = None, **kwargs: Any) -> None:
+        _check_inner(inner_optimizer)
+        if kwargs:
+            raise ValueError(
+                "SafeOptimizer takes no other optimizer arguments: set them on the inner "
+                f"optimizer. Received: {sorted(kwargs)}"
+            )
+        super().__init__(learning_rate=0.0, name=name, loss_scale_factor=loss_scale_factor)
+        self.inner_optimizer = inner_optimizer
+        if inner_optimizer.loss_scale_factor is not None:
+            # Taken over, as LossScaleOptimizer does: the wrapper unscales first.
+            self.loss_scale_factor = inner_optimizer.loss_scale_factor
+            inner_optimizer.loss_scale_factor = None
+        self.policy: Policy = safeopt.load_policy(policy)
+        self._xp = safeopt.namespace_by_name(keras.backend.backend())
+        self._slots: dict[str, int] = {}
+
+    # -- building ---------------------------------------------------------------
+    @tracking.no_automatic_dependency_tracking
+    def build(self, var_list: Sequence[Any]) -> None:
+        """Builds the inner optimizer and one variable per ``PolicyState`` field."""
+        if self.built:
+            return
+        var_list = list(var_list)
+        initial = safeopt.init_state(safeopt.namespace_by_name("numpy"), self.policy,
+                                     n_tensors=len(var_list))
+        for field in PolicyState._fields:
+            value = np.asarray(getattr(initial, field))
+            self._slots[field] = len(self._variables)
+            self.add_variable(shape=value.shape, initializer=value, dtype=str(value.dtype),
+                              aggregation="only_first_replica", name=field)
+        if not self.inner_optimizer.built:
+            self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    @property
+    def variables(self) -> list[Any]:
+        """The wrapper's variables (safeopt's state among them), then the inner's."""
+        return self._variables + self.inner_optimizer.variables
+
+    def state_variables(self) -> PolicyState:
+        """safeopt's state as the Keras variables that hold it."""
+        return PolicyState(**{f: self._variables[i] for f, i in self._slots.items()})
+
+    # -- forwarding ---------------------------------------------------------------
+    @property
+    def learning_rate(self) -> Any:
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate: Any) -> None:
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self) -> Any:
+        return self.inner_optimizer.iterations
+
+    def finalize_variable_values(self, var_list: Sequence[Any]) -> None:
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    # -- the protected step: shared part -----------------------------------------
+    def _aligned(self, grads: Sequence[Any], variables: Sequence[Any]) -> list[Any]:
+        """Gradients in the order the optimizer was built with (``None`` where absent)."""
+        if len(variables) == len(self._trainable_variables) and all(
+            a is b for a, b in zip(variables, self._trainable_variables)
+        ):
+            return list(grads)
+        full: list[Any] = [None] * len(self._trainable_variables)
+        for g, v in zip(grads, variables):
+            full[self._get_variable_index(v)] = g
+        return full
+
+    def _protect(self, grads: list[Any], params: list[Any], state: PolicyState,
+                 loss: Any) -> tuple[list[Any], Any, PolicyState]:
+        """Runs the core's pipeline on backend tensors; ``None`` gradients count as zeros."""
+        xp = self._xp
+        present = [g is not None for g in grads]
+        dense = [g if g is not None else ops.zeros_like(p) for g, p in zip(grads, params)]
+        if self.loss_scale_factor is not None:
+            dense = [g / self.loss_scale_factor for g in dense]
+        policy = self.policy
+        new_grads, decision, new_state = safeopt.protect(
+            xp, policy, state, dense, params if policy.needs_params else None,
+            loss=loss, unit_axis=-1,
+        )
+        new_state = self._monitor_weight_norm(state, new_state, decision, params)
+        out = [g if keep else None for g, keep in zip(new_grads, present)]
+        return out, decision, new_state
+
+    def _monitor_weight_norm(self, state: PolicyState, new_state: PolicyState,
+                             decision: Any, params: list[Any]) -> PolicyState:
+        """Records the global weight norm every ``monitor_every`` steps (a cond).
+
+        The adaptive penalty reads it every step already (``protect`` then
+        computes it itself); otherwise it is gathered only on monitor steps,
+        so that other steps do not read the weights once more.
+        """
+        every = self.policy.monitor_every
+        if self.policy.needs_weight_norm or every <= 0:
+            return new_state
+        xp = self._xp
+        # On the count of applied steps, so that a skipped step moves nothing.
+        due = ops.equal(ops.mod(state.steps, every), 0)
+        nan = ops.convert_to_tensor(math.nan, "float32")
+        wnorm = ops.cond(due, lambda: safeopt.global_norm(xp, params), lambda: nan)
+        take = xp.logical_and(due, xp.logical_not(decision.skip))
+        return new_state._replace(
+            last_weight_norm=xp.where(take, wnorm, new_state.last_weight_norm))
+
+    def _assign_state(self, old: PolicyState, new: PolicyState) -> None:
+        """Writes the fields the step changed (untouched fields keep their identity)."""
+        for field, var in zip(PolicyState._fields, self.state_variables()):
+            value = getattr(new, field)
+            if value is not getattr(old, field):
+                var.assign(value)
+
+    def _read_state(self) -> PolicyState:
+        return PolicyState(*(ops.convert_to_tensor(v) for v in self.state_variables()))
+
+    # -- stateful apply (TensorFlow, torch, eager JAX) ---------------------------
+    def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None,
+              *, loss: Any = None) -> None:
+        """Applies ``grads`` under the policy (``loss``: this step's loss, optional)."""
+        grads = list(grads)
+        if not grads:
+            return
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError(
+                    "`trainable_variables` must be given on the first call, or the optimizer "
+                    "built with `optimizer.build(trainable_variables)`. Received: None"
+                )
+            variables = list(self._trainable_variables)
+        else:
+            variables = list(trainable_variables)
+            if not self.built:
+                with keras.name_scope(self.name, caller=self):
+                    self.build(variables)
+        grads = self._aligned(grads, variables)
+        backend = keras.backend.backend()
+        if backend == "jax":
+            self._jax_stateful_apply(grads, loss)
+        elif backend == "tensorflow":
+            self._tf_apply(grads, loss)
+        else:
+            skip = self._common_apply(grads, loss)
+            if backend == "torch" and bool(skip):  # torch is eager: ops.cond read it already
+                self._raise_if_diverged_eagerly()
+
+    def apply_gradients(self, grads_and_vars: Any, *, loss: Any = None) -> Any:
+        """Applies ``(gradient, variable)`` pairs under the policy."""
+        grads, variables = zip(*grads_and_vars)
+        self.apply(grads, variables, loss=loss)
+        return self.iterations
+
+    def _params(self) -> list[Any]:
+        return [ops.convert_to_tensor(v) for v in self._trainable_variables]
+
+    def _common_apply(self, grads: list[Any], loss: Any) -> Any:
+        state = self._read_state()
+        new_grads, decision, new_state = self._protect(grads, self._params(), state, loss)
+        self._assign_state(state, new_state)
+        variables = list(self._trainable_variables)
+
+        def step() -> None:
+            self.inner_optimizer.apply(new_grads, variables)
+
+        ops.cond(decision.skip, lambda: None, step)
+        return decision.skip
+
+    def _raise_if_diverged_eagerly(self) -> None:
+        """torch runs eagerly and has just read ``skip``: raise at once when diverging."""
+        limit = self.policy.max_consecutive_skips
+        if limit is None:
+            return
+        streak = self.state_variables().consecutive_skips
+        if int(ops.convert_to_numpy(streak)) >= limit:
+            safeopt.check(self)
+
+    # -- TensorFlow and tf.distribute -------------------------------------------
+    def _tf_apply(self, grads: list[Any], loss: Any) -> None:
+        import tensorflow as tf
+
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+                 for g in grads]
+        if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+            if tf.distribute.in_cross_replica_context() and tf.distribute.has_strategy():
+                raise ValueError("apply() must be called in a replica context.")
+            self._common_apply(grads, loss)
+            return
+        ctx = tf.distribute.get_replica_context()
+        present = [i for i, g in enumerate(grads) if g is not None]
+        reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
+        for i, g in zip(present, reduced):
+            grads[i] = g
+        if loss is not None:
+            loss = ctx.all_reduce(tf.distribute.ReduceOp.SUM, loss)
+        state = self._read_state()
+        new_grads, decision, new_state = self._protect(grads, self._params(), state, loss)
+        self._assign_state(state, new_state)
+        ctx.merge_call(self._cross_replica_step, args=(decision.skip, new_grads))
+
+    def _cross_replica_step(self, distribution: Any, skip: Any, grads: list[Any]) -> None:
+        """Skips or applies on every replica (a cond must run in cross-replica context).
+
+        ``skip`` is the same on every replica, since it was computed from the
+        all-reduced gradients; the first replica's copy is taken.
+        """
+        first = distribution.experimental_local_results(skip)[0]
+        variables = list(self._trainable_variables)
+
+        def step() -> None:
+            # Around the whole call: the replicas run in threads until it returns.
+            with _no_inner_all_reduce(self.inner_optimizer):
+                distribution.extended.call_for_each_replica(
+                    self.inner_optimizer.apply, args=(grads, variables))
+
+        ops.cond(first, lambda: None, step)
+
+    # -- JAX ------------------------------------------------------------------------
+    def stateless_apply(self, optimizer_variables: Sequence[Any], grads: Sequence[Any],
+                        trainable_variables: Sequence[Any], *, loss: Any = None,
+                        ) -> tuple[list[Any], list[Any]]:
+        """The functional step the JAX trainer calls (skips with ``ops.cond``)."""
+        if not self.built:
+            raise ValueError(
+                f"To call `stateless_apply`, {type(self).__name__} must be built (i.e. its "
+                "variables must have been created). You can build it via "
+                "`optimizer.build(trainable_variables)`."
+            )
+        n_own = len(self._variables)
+        if len(optimizer_variables) != n_own + len(self.inner_optimizer.variables):
+            raise ValueError(
+                "`optimizer_variables` must match `optimizer.variables` one to one. Received "
+                f"{len(optimizer_variables)} values for "
+                f"{n_own + len(self.inner_optimizer.variables)} variables."
+            )
+        # Values, or Keras variables read in a StatelessScope (LossScaleOptimizer passes those).
+        own = [_value(v) for v in optimizer_variables[:n_own]]
+        inner_values = [_value(v) for v in optimizer_variables[n_own:]]
+        params = [_value(v) for v in trainable_variables]
+        state = PolicyState(**{f: own[i] for f, i in self._slots.items()})
+        new_grads, decision, new_state = self._protect(list(grads), params, state, loss)
+        for field, i in self._slots.items():
+            own[i] = getattr(new_state, field)
+
+        def step() -> tuple[list[Any], list[Any]]:
+            new_params, new_inner = self.inner_optimizer.stateless_apply(
+                inner_values, new_grads, params)
+            return list(new_params), list(new_inner)
+
+        new_params, new_inner = ops.cond(decision.skip, lambda: (params, inner_values), step)
+        return list(new_params), own + list(new_inner)
+
+    def _jax_stateful_apply(self, grads: list[Any], loss: Any) -> None:
+        values = [v.value for v in self.variables]
+        params = [v.value for v in self._trainable_variables]
+        new_params, new_values = self.stateless_apply(values, grads, params, loss=loss)
+        for var, value in zip(self._trainable_variables, new_params):
+            var.assign(value)
+        for var, value in zip(self.variables, new_values):
+            var.assign(value)
+
+    # -- saving ---------------------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        """The wrapper's config, with the inner optimizer nested."""
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.optimizers.serialize(self.inner_optimizer),
+            "policy": self.policy.to_dict(),
+            "loss_scale_factor": self.loss_scale_factor,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> SafeOptimizer:
+        """Rebuilds the wrapper (and its inner optimizer) from :meth:`get_config`."""
+        config = dict(config)
+        inner = keras.optimizers.deserialize(config.pop("inner_optimizer"),
+                                             custom_objects=custom_objects)
+        return cls(inner, **config)
+
+
+@contextlib.contextmanager
+def _no_inner_all_reduce(inner: Any) -> Iterator[None]:
+    """Turns the inner TF optimizer's all-reduce off: its gradients are sums already.
+
+    Keras's TF optimizer all-reduces inside ``_backend_update_step``; the
+    wrapper has done it before deciding, so a second sum would double the
+    gradients.
+    """
+    inner.__dict__["_all_reduce_sum_gradients"] = _identity
+    try:
+        yield
+    finally:
+        inner.__dict__.pop("_all_reduce_sum_gradients", None)
+
+
+def _value(x: Any) -> Any:
+    return ops.convert_to_tensor(x) if isinstance(x, keras.Variable) else x
+
+
+def _identity(grads_and_vars: Any) -> Any:
+    return grads_and_vars

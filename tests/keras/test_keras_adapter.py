@@ -1,0 +1,437 @@
+"""The Keras 3 adapter, run the same way on each backend.
+
+Run once per backend::
+
+    KERAS_BACKEND=tensorflow python -m pytest -q tests/keras
+    KERAS_BACKEND=jax python -m pytest -q tests/keras
+    KERAS_BACKEND=torch python -m pytest -q tests/keras
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+import safeopt  # noqa: E402
+import safeopt_keras  # noqa: E402
+from safeopt.testing import CASES, assert_case  # noqa: E402
+
+BACKEND = keras.backend.backend()
+F32 = np.float32
+
+
+# ---------------------------------------------------------------------------
+# Helpers.
+# ---------------------------------------------------------------------------
+def _mlp(seed: int = 0, regularizer: Any = None) -> Any:
+    keras.utils.set_random_seed(seed)
+    # Non-zero biases: the subgradient of |w| at 0 is 0 in TF and torch but 1 in JAX.
+    reg = {"kernel_regularizer": regularizer, "bias_regularizer": regularizer,
+           "bias_initializer": "random_normal"}
+    return keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(8, activation="tanh", **reg),
+        keras.layers.Dense(1, **reg),
+    ])
+
+
+def _data(n_batches: int, batch: int = 8, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n_batches, batch, 6)).astype(F32) * 3.0
+    y = rng.normal(size=(n_batches, batch, 1)).astype(F32) * 5.0
+    return x, y
+
+
+def _fit(model: Any, optimizer: Any, x: np.ndarray, y: np.ndarray, keep: Sequence[int],
+         steps_per_execution: int = 1, jit_compile: Any = "auto",
+         callbacks: Sequence[Any] = ()) -> Any:
+    """Trains on batches ``keep`` of ``(x, y)``, in that order, one epoch."""
+    if not model.compiled:
+        model.compile(optimizer=optimizer, loss="mse", steps_per_execution=steps_per_execution,
+                      jit_compile=jit_compile)
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for i in keep:
+            yield x[i], y[i]
+
+    return model.fit(batches(), steps_per_epoch=len(keep), epochs=1, verbose=0,
+                     callbacks=list(callbacks))
+
+
+def _numpy(values: Sequence[Any]) -> list[np.ndarray]:
+    return [np.array(keras.ops.convert_to_numpy(v)) for v in values]
+
+
+def _state(opt: Any) -> dict[str, np.ndarray]:
+    _, state, _ = safeopt.read_state(opt)
+    return {f: np.asarray(v) for f, v in state._asdict().items()}
+
+
+def _assert_bit_equal(got: Sequence[np.ndarray], want: Sequence[np.ndarray], what: str) -> None:
+    assert len(got) == len(want), what
+    for i, (a, b) in enumerate(zip(got, want)):
+        np.testing.assert_array_equal(a, b, err_msg=f"{what}[{i}]", strict=True)
+
+
+# ---------------------------------------------------------------------------
+# The wrapper is a Keras optimizer that forwards to the inner one.
+# ---------------------------------------------------------------------------
+def test_wrap_returns_a_keras_optimizer_that_forwards_lr_and_iterations() -> None:
+    inner = keras.optimizers.SGD(learning_rate=0.25)
+    opt = safeopt.wrap(inner, {"clip_norm": 2.0})
+    assert isinstance(opt, keras.optimizers.Optimizer)
+    assert isinstance(opt, safeopt_keras.SafeOptimizer)
+    assert opt.inner_optimizer is inner
+    assert math.isclose(float(keras.ops.convert_to_numpy(opt.learning_rate)), 0.25)
+    opt.learning_rate = 0.5
+    assert math.isclose(float(keras.ops.convert_to_numpy(inner.learning_rate)), 0.5)
+    var = keras.Variable(np.ones(3, F32))
+    opt.apply_gradients([(keras.ops.ones((3,)), var)])
+    assert int(keras.ops.convert_to_numpy(opt.iterations)) == 1
+    assert opt.iterations is inner.iterations
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(var), np.full(3, 0.5, F32))
+
+
+def test_learning_rate_schedule_is_forwarded() -> None:
+    schedule = keras.optimizers.schedules.ExponentialDecay(1.0, decay_steps=1, decay_rate=0.5)
+    opt = safeopt.wrap(keras.optimizers.SGD(learning_rate=schedule), {"clip_norm": None})
+    var = keras.Variable(np.zeros(2, F32))
+    for _ in range(3):
+        opt.apply_gradients([(keras.ops.ones((2,)), var)])
+    # lr 1, 0.5, 0.25 at iterations 0, 1, 2.
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(var), np.full(2, -1.75, F32))
+    assert math.isclose(float(keras.ops.convert_to_numpy(opt.learning_rate)), 0.125)
+
+
+@pytest.mark.parametrize(("kwargs", "remedy"), [
+    ({"global_clipnorm": 1.0}, "'norm_scope': 'global'"),
+    ({"clipnorm": 1.0}, "'norm_scope': 'per_tensor'"),
+    ({"clipvalue": 0.5}, "'clip_value': 0.5"),
+])
+def test_inner_clipping_is_refused_with_the_remedy(kwargs: dict[str, float],
+                                                   remedy: str) -> None:
+    inner = keras.optimizers.Adam(1e-3, **kwargs)
+    with pytest.raises(ValueError, match="must not clip") as err:
+        safeopt.wrap(inner, {"clip_norm": 1.0})
+    assert remedy in str(err.value)
+    assert next(iter(kwargs)) in str(err.value)
+
+
+def test_wrapping_twice_or_a_loss_scale_optimizer_is_refused() -> None:
+    opt = safeopt.wrap(keras.optimizers.SGD(0.1), "default")
+    with pytest.raises(safeopt.AdapterError, match="already wrapped"):
+        safeopt.wrap(opt, "default")
+    lso = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+    with pytest.raises(ValueError, match="LossScaleOptimizer"):
+        safeopt.wrap(lso, "default")
+
+
+# ---------------------------------------------------------------------------
+# Conformance: every case through SGD(lr=1), eagerly and compiled.
+# ---------------------------------------------------------------------------
+def _case_inputs(case: Any) -> tuple[list[Any], list[Any], Any]:
+    variables = [keras.Variable(p, name=f"p{i}") for i, p in enumerate(case.arrays("params"))]
+    grads = [keras.ops.convert_to_tensor(g) for g in case.arrays("grads")]
+    loss = None if case.loss is None else keras.ops.convert_to_tensor(F32(case.loss))
+    return variables, grads, loss
+
+
+def _check_case(case: Any, opt: Any, variables: list[Any]) -> None:
+    assert_case(case, _numpy(variables), safeopt.stats(opt))
+    assert int(keras.ops.convert_to_numpy(opt.iterations)) == (0 if case.skip else 1), case.name
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_conformance_eager(case: Any) -> None:
+    variables, grads, loss = _case_inputs(case)
+    opt = safeopt.wrap(keras.optimizers.SGD(learning_rate=1.0), case.policy)
+    opt.apply_gradients(zip(grads, variables), loss=loss)
+    _check_case(case, opt, variables)
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="the torch backend runs eagerly")
+def test_conformance_compiled() -> None:
+    """All cases in one compiled function (``tf.function`` graph, ``jax.jit``).
+
+    XLA on TensorFlow is covered by the ``jit_compile=True`` fit test (compiling
+    all cases with XLA would take a minute).
+    """
+    inputs = [_case_inputs(case) for case in CASES]
+    opts = [safeopt.wrap(keras.optimizers.SGD(learning_rate=1.0), c.policy) for c in CASES]
+    for opt, (variables, _, _) in zip(opts, inputs):
+        opt.build(variables)
+    grads = [g for _, g, _ in inputs]
+    losses = [loss for _, _, loss in inputs]
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        # One graph per case: Grappler takes far longer on one graph holding them all.
+        def compiled(opt: Any, variables: list[Any]) -> Any:
+            return tf.function(lambda g, loss: opt.apply_gradients(zip(g, variables), loss=loss))
+
+        for opt, (variables, g, loss) in zip(opts, inputs):
+            compiled(opt, variables)(g, loss)
+    else:
+        import jax
+
+        def stateless(opt_values: list[Any], params: list[Any]) -> Any:
+            return [opt.stateless_apply(ov, g, p, loss=loss)
+                    for opt, ov, g, p, loss in zip(opts, opt_values, grads, params, losses)]
+
+        results = jax.jit(stateless)([[v.value for v in o.variables] for o in opts],
+                                     [[v.value for v in vs] for vs, _, _ in inputs])
+        for opt, (variables, _, _), (new_params, new_opt) in zip(opts, inputs, results):
+            for var, value in zip(list(variables) + opt.variables, new_params + new_opt):
+                var.assign(value)
+    for case, opt, (variables, _, _) in zip(CASES, opts, inputs):
+        _check_case(case, opt, variables)
+
+
+# ---------------------------------------------------------------------------
+# A skipped step never happened.
+# ---------------------------------------------------------------------------
+# safeopt's statistics that a skipped step leaves bit-identical. (Monitor fields that
+# hold call indices, which count skipped calls too, legitimately differ.)
+_STATISTICS = ("steps", "norm_clips", "value_clips", "last_norm", "last_scale", "threshold",
+               "last_weight_norm", "ema_mean", "ema_var", "norm_history", "layer_norm_ema",
+               "layer_over_frac")
+
+
+def test_nonfinite_batches_in_fit_equal_a_run_without_them() -> None:
+    x, y = _data(30)
+    bad = {4: math.nan, 5: math.inf, 17: -math.inf, 29: math.nan}
+    for i, value in bad.items():
+        x[i, 2, 3] = value
+    policy = {"clip_norm": 1.0, "monitor_every": 2}
+    runs = {}
+    for name, keep in (("skipped", range(30)), ("left_out", [i for i in range(30)
+                                                             if i not in bad])):
+        model = _mlp()
+        opt = safeopt.wrap(keras.optimizers.Adam(1e-2), policy)
+        _fit(model, opt, x, y, list(keep), steps_per_execution=1 if BACKEND == "torch" else 2)
+        runs[name] = (model, opt)
+    (m_skip, o_skip), (m_ref, o_ref) = runs["skipped"], runs["left_out"]
+    _assert_bit_equal(_numpy(m_skip.weights), _numpy(m_ref.weights), "weights")
+    _assert_bit_equal(_numpy(o_skip.inner_optimizer.variables),
+                      _numpy(o_ref.inner_optimizer.variables), "inner optimizer variables")
+    assert int(keras.ops.convert_to_numpy(o_skip.iterations)) == 26
+    s_skip, s_ref = _state(o_skip), _state(o_ref)
+    for field in _STATISTICS:
+        if field in s_ref:
+            np.testing.assert_array_equal(s_skip[field], s_ref[field], err_msg=field)
+    stats = safeopt.stats(o_skip)
+    assert (stats["skips"], stats["nonfinite"], stats["steps"]) == (4, 4, 26)
+    assert stats["norm_clips"] > 0  # the clip was active, so the runs could have differed
+    assert all(np.isfinite(w).all() for w in _numpy(m_skip.weights))
+
+
+# ---------------------------------------------------------------------------
+# Equivalence with Keras's own features.
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("policy", "inner_kwargs"), [
+    ({"clip_norm": 0.5, "norm_scope": "global"}, {"global_clipnorm": 0.5}),
+    ({"clip_norm": 0.3, "norm_scope": "per_tensor"}, {"clipnorm": 0.3}),
+    ({"clip_norm": None, "clip_value": 0.05}, {"clipvalue": 0.05}),
+], ids=["global_clipnorm", "clipnorm", "clipvalue"])
+def test_clipping_matches_keras(policy: dict[str, Any], inner_kwargs: dict[str, float]) -> None:
+    x, y = _data(6)
+    steps = list(range(6))
+    native = _mlp()
+    _fit(native, keras.optimizers.SGD(0.05, momentum=0.9, **inner_kwargs), x, y, steps)
+    wrapped = _mlp()
+    opt = safeopt.wrap(keras.optimizers.SGD(0.05, momentum=0.9), policy)
+    _fit(wrapped, opt, x, y, steps)
+    for got, want in zip(_numpy(wrapped.weights), _numpy(native.weights)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    stats = safeopt.stats(opt)
+    assert stats["norm_clips"] + stats["value_clips"] > 0  # clipping was active
+
+
+def test_l1_l2_match_keras_regularizers() -> None:
+    x, y = _data(6)
+    steps = list(range(6))
+    l1, l2 = 0.01, 0.05
+    native = _mlp(regularizer=keras.regularizers.L1L2(l1=l1, l2=l2))
+    _fit(native, keras.optimizers.SGD(0.05), x, y, steps)
+    wrapped = _mlp()
+    _fit(wrapped, safeopt.wrap(keras.optimizers.SGD(0.05), {"clip_norm": None, "l1": l1,
+                                                            "l2": l2}), x, y, steps)
+    plain = _mlp()
+    _fit(plain, keras.optimizers.SGD(0.05), x, y, steps)
+    for got, want, off in zip(_numpy(wrapped.weights), _numpy(native.weights),
+                              _numpy(plain.weights)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(want, off, rtol=1e-5, atol=1e-6)  # the penalty mattered
+
+
+# ---------------------------------------------------------------------------
+# Compiled steps.
+# ---------------------------------------------------------------------------
+@pytest.mark.skipif(BACKEND == "torch", reason="torch.compile of the train step is not covered")
+def test_jit_compile_fit_matches_the_step_without_xla() -> None:
+    x, y = _data(4)
+    x[1, 0, 0] = math.nan
+    results = []
+    for jit in (True, False):
+        model = _mlp()
+        opt = safeopt.wrap(keras.optimizers.Adam(1e-2), {"clip_norm": 0.5})
+        _fit(model, opt, x, y, list(range(4)), jit_compile=jit)
+        assert safeopt.stats(opt)["skips"] == 1
+        results.append(_numpy(model.weights))
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Saving.
+# ---------------------------------------------------------------------------
+def test_get_config_round_trip_nests_the_inner_optimizer() -> None:
+    opt = safeopt.wrap(keras.optimizers.Adam(3e-4, beta_1=0.8),
+                       {"clip_norm": 2.0, "norm_scope": "unitwise", "l2": 0.1})
+    config = keras.optimizers.serialize(opt)
+    assert config["registered_name"] == "safeopt>SafeOptimizer"
+    assert config["config"]["inner_optimizer"]["class_name"] == "Adam"
+    clone = keras.optimizers.deserialize(config)
+    assert isinstance(clone, safeopt_keras.SafeOptimizer)
+    assert clone.policy == opt.policy
+    assert clone.inner_optimizer.get_config() == opt.inner_optimizer.get_config()
+    assert type(clone).from_config(opt.get_config()).policy == opt.policy
+
+
+def test_save_load_resumes_from_the_same_optimizer_state(tmp_path: Any) -> None:
+    x, y = _data(10)
+    x[2, 0, 0] = math.nan  # a skip before the save, so the counters are non-trivial
+    policy = {"clip_norm": 0.5, "clip_value": 1.0}
+    whole = _mlp()
+    _fit(whole, safeopt.wrap(keras.optimizers.Adam(1e-2), policy), x, y, list(range(10)))
+
+    first = _mlp()
+    opt = safeopt.wrap(keras.optimizers.Adam(1e-2), policy)
+    _fit(first, opt, x, y, list(range(5)))
+    path = tmp_path / "m.keras"
+    first.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.optimizer, safeopt_keras.SafeOptimizer)
+    assert loaded.optimizer.policy == opt.policy
+    _assert_bit_equal(_numpy(loaded.optimizer.variables), _numpy(opt.variables),
+                      "optimizer variables after load")
+    _fit(loaded, None, x, y, list(range(5, 10)))
+    for got, want in zip(_numpy(loaded.weights), _numpy(whole.weights)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert safeopt.stats(loaded.optimizer)["skips"] == 1
+    assert safeopt.stats(loaded.optimizer)["steps"] == 9
+
+
+# ---------------------------------------------------------------------------
+# Divergence guard and monitor.
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("with_guard", [True, False], ids=["guard", "no_guard"])
+def test_consecutive_skips_raise_divergence_error(with_guard: bool) -> None:
+    if not with_guard and BACKEND != "torch":
+        pytest.skip("compiled steps raise through safeopt_keras.DivergenceGuard")
+    x, y = _data(12)
+    x[3:, 0, 0] = math.nan
+    model = _mlp()
+    opt = safeopt.wrap(keras.optimizers.SGD(0.01), {"max_consecutive_skips": 4})
+    callbacks = [safeopt_keras.DivergenceGuard()] if with_guard else []
+    with pytest.raises(safeopt.DivergenceError) as err:
+        _fit(model, opt, x, y, list(range(12)), callbacks=callbacks)
+    assert err.value.stats["consecutive_skips"] == 4
+    assert safeopt.stats(opt)["steps"] == 3
+    assert all(np.isfinite(w).all() for w in _numpy(model.weights))
+
+
+def test_monitor_statistics_and_names() -> None:
+    x, y = _data(7)
+    model = _mlp()
+    opt = safeopt.wrap(keras.optimizers.SGD(0.01), {"clip_norm": 1.0, "monitor_every": 3})
+    _fit(model, opt, x, y, list(range(7)))
+    _, state, extra = safeopt.read_state(opt)
+    assert extra["names"] == [v.path for v in model.trainable_variables]
+    assert extra["path"] == f"{BACKEND}-cond"
+    norms = np.asarray(state.layer_norm_ema)
+    assert norms.shape == (len(model.trainable_variables),)
+    assert (norms > 0).all()
+    # Weight norm gathered on applied step 6 (steps 0, 3, 6 are monitor steps),
+    # i.e. before the 7th update.
+    stats = safeopt.stats(opt)
+    assert stats["steps"] == 7
+    assert np.isfinite(stats["last_weight_norm"]) and stats["last_weight_norm"] > 0
+
+
+def test_monitor_weight_norm_is_read_on_monitor_steps_only() -> None:
+    variables = [keras.Variable(np.full(4, 1.0, F32))]
+    opt = safeopt.wrap(keras.optimizers.SGD(1.0), {"clip_norm": None, "monitor_every": 2})
+    seen = []
+    for _ in range(3):
+        opt.apply_gradients([(keras.ops.ones((4,)), variables[0])])
+        seen.append(safeopt.stats(opt).get("last_weight_norm"))
+    # Step 0 reads |(1,1,1,1)| = 2; step 1 is not a monitor step; step 2 reads |(-1,...)| = 2.
+    assert seen[0] == pytest.approx(2.0)
+    assert seen[1] == pytest.approx(2.0)
+    variables[0].assign(np.full(4, 3.0, F32))
+    opt.apply_gradients([(keras.ops.ones((4,)), variables[0])])  # step 3: no read
+    assert safeopt.stats(opt)["last_weight_norm"] == pytest.approx(2.0)
+    opt.apply_gradients([(keras.ops.ones((4,)), variables[0])])  # step 4: reads |(2,...)| = 4
+    assert safeopt.stats(opt)["last_weight_norm"] == pytest.approx(4.0)
+
+
+# ---------------------------------------------------------------------------
+# Loss scaling and partial variable lists.
+# ---------------------------------------------------------------------------
+def test_inner_loss_scale_factor_is_taken_over() -> None:
+    inner = keras.optimizers.SGD(1.0, loss_scale_factor=128.0)
+    opt = safeopt.wrap(inner, {"clip_norm": 1.0})
+    assert opt.loss_scale_factor == 128.0 and inner.loss_scale_factor is None
+    assert float(keras.ops.convert_to_numpy(opt.scale_loss(keras.ops.ones(())))) == 128.0
+    var = keras.Variable(np.zeros(2, F32))
+    opt.apply_gradients([(keras.ops.convert_to_tensor(np.array([3.0, 4.0], F32) * 128), var)])
+    # Unscaled to (3, 4) before deciding, then clipped to norm 1.
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(var), [-0.6, -0.8], rtol=1e-6)
+    assert safeopt.stats(opt)["last_norm"] == pytest.approx(5.0)
+
+
+def test_loss_scale_optimizer_outside_the_wrapper() -> None:
+    opt = keras.optimizers.LossScaleOptimizer(
+        safeopt.wrap(keras.optimizers.SGD(1.0), {"clip_norm": 1.0}), initial_scale=4.0)
+    var = keras.Variable(np.zeros(2, F32))
+    opt.build([var])
+
+    def step(grad: list[float]) -> None:
+        g = keras.ops.convert_to_tensor(np.array(grad, F32))
+        if BACKEND != "jax":
+            opt.apply_gradients([(g, var)])
+            return
+        # LossScaleOptimizer's stateful apply does not run eagerly on JAX; its trainer
+        # calls stateless_apply, and so does this test.
+        import jax
+
+        new_params, new_opt = jax.jit(opt.stateless_apply)(
+            [v.value for v in opt.variables], [g], [var.value])
+        var.assign(new_params[0])
+        for v, value in zip(opt.variables, new_opt):
+            v.assign(value)
+
+    step([12.0, 16.0])  # unscaled by 4 to (3, 4), clipped to norm 1
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(var), [-0.6, -0.8], rtol=1e-6)
+    step([math.inf, 1.0])  # LossScaleOptimizer skips it before safeopt sees it
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(var), [-0.6, -0.8], rtol=1e-6)
+    assert safeopt.stats(opt.inner_optimizer)["norm_clips"] == 1
+
+
+def test_gradients_for_a_subset_of_the_variables() -> None:
+    a = keras.Variable(np.ones(2, F32), name="a")
+    b = keras.Variable(np.ones(3, F32), name="b")
+    opt = safeopt.wrap(keras.optimizers.SGD(1.0), {"clip_norm": None})
+    opt.build([a, b])
+    opt.apply_gradients([(keras.ops.ones((3,)), b)])
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), np.ones(2, F32))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(b), np.zeros(3, F32))
+    _, state, _ = safeopt.read_state(opt)
+    assert np.asarray(state.layer_norm_ema).shape == (2,)
