@@ -1,1 +1,48 @@
-"""placeholder replaced by the adapter work"""
+"""safeopt's PyTorch adapter: ``safeopt.wrap(torch_optimizer, policy)``.
+
+The wrapper is a :class:`SafeOptimizer`, itself a ``torch.optim.Optimizer``
+sharing ``param_groups`` and ``state`` with the optimizer it wraps. Fused
+optimizers (``Adam``, ``AdamW``, ``SGD`` with ``fused=True``; ``Adagrad`` with
+``fused=True`` on CPU) take the ``"fused"`` path: the policy's decision reaches
+the kernel through its ``grad_scale`` / ``found_inf`` inputs with no host
+synchronisation. Every other optimizer takes the ``"foreach"`` path: one host
+synchronisation per step, for the skip. ``safeopt.stats(opt)["path"]`` says
+which one a run gets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import safeopt
+from safeopt import Policy, PolicyState
+from safeopt_torch._optimizer import SafeOptimizer
+
+
+class TorchAdapter(safeopt.Adapter):
+    """Registers ``torch.optim.Optimizer`` with safeopt (entry point ``torch``)."""
+
+    name = "torch"
+
+    def accepts(self, optimizer: Any) -> bool:
+        """Any ``torch.optim.Optimizer`` that safeopt has not wrapped already."""
+        return isinstance(optimizer, torch.optim.Optimizer) and not isinstance(
+            optimizer, SafeOptimizer)
+
+    def wrap(self, optimizer: Any, policy: Policy) -> SafeOptimizer:
+        """Returns ``optimizer`` wrapped in a :class:`SafeOptimizer`."""
+        return SafeOptimizer(optimizer, policy)
+
+    def owns(self, obj: Any) -> bool:
+        """Whether ``obj`` is a :class:`SafeOptimizer`."""
+        return isinstance(obj, SafeOptimizer)
+
+    def read(self, obj: Any) -> tuple[Policy, PolicyState, dict[str, Any]]:
+        """``(policy, state as NumPy arrays, extra)``; ``extra`` has ``path`` and ``names``."""
+        assert isinstance(obj, SafeOptimizer)
+        return obj.read()
+
+
+__all__ = ["SafeOptimizer", "TorchAdapter"]
