@@ -25,6 +25,7 @@ from safeopt._decide import (
     unit_norms,
     unit_scale,
 )
+from safeopt._diagnose import Diagnosis, diagnose, diagnose_state
 from safeopt._errors import AdapterError, DivergenceError, PolicyError
 from safeopt._policy import ENV_VAR, KEYS, PRESETS, Policy, PolicyLike, load_policy
 from safeopt._registry import (
@@ -38,6 +39,14 @@ from safeopt._registry import (
     summarize,
     wrap,
 )
+from safeopt._telemetry import (
+    JsonlSink,
+    LoggingSink,
+    TensorBoardSink,
+    add_sink,
+    after_step,
+    remove_sink,
+)
 from safeopt._xp import Namespace, namespace, namespace_by_name
 
 __version__ = "0.1.0"
@@ -50,17 +59,25 @@ __all__ = [
     "Adapter",
     "AdapterError",
     "Decision",
+    "Diagnosis",
     "DivergenceError",
     "GradStats",
+    "JsonlSink",
+    "LoggingSink",
     "Namespace",
     "Policy",
     "PolicyError",
     "PolicyLike",
     "PolicyState",
+    "TensorBoardSink",
     "__version__",
+    "add_sink",
+    "after_step",
     "check",
     "clip_scale",
     "decide",
+    "diagnose",
+    "diagnose_state",
     "global_norm",
     "init_state",
     "installed_adapters",
@@ -71,6 +88,7 @@ __all__ = [
     "protect",
     "raise_if_diverged",
     "read_state",
+    "remove_sink",
     "stats",
     "summarize",
     "unit_norms",

@@ -99,6 +99,17 @@ class Policy(metaclass=_ValidatingMeta):
       weight_growth_max: Relative weight-norm growth per step above which the
         adaptive penalty turns on.
       log_every: Telemetry interval in steps; 0 (the default) records nothing.
+        Every ``log_every``-th step, one host read builds a record (see
+        :mod:`safeopt._telemetry`) and hands it to the sinks below and to
+        those added with :func:`safeopt.add_sink`.
+      log_file: Path of a JSON Lines file that records are appended to
+        (read by ``safeopt report``); ``None`` for none.
+      log_logger: Name of a Python :mod:`logging` logger that records go to
+        (at INFO level); ``None`` for none.
+      log_tensorboard: Directory of TensorBoard event files (needs the
+        ``tensorboard`` package, or ``tensorboardX``); ``None`` for none.
+      log_top_k: How many layers (largest gradient-norm EMA first) a record
+        lists.
       monitor_every: Every this many steps the adapters also gather the
         global weight norm for the diagnosis (one extra read of the
         parameters on those steps only); 0 turns it off.
@@ -128,6 +139,10 @@ class Policy(metaclass=_ValidatingMeta):
     weight_norm_max: float | None = None
     weight_growth_max: float | None = None
     log_every: int = 0
+    log_file: str | None = None
+    log_logger: str | None = None
+    log_tensorboard: str | None = None
+    log_top_k: int = 16
     monitor_every: int = 10
     monitor_window: int = 50
 
@@ -284,7 +299,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclasses.dataclass(frozen=True)
 class _Spec:
     key: str
-    kind: str  # "float", "int", "bool", "choice"
+    kind: str  # "float", "int", "bool", "choice", "str"
     allowed: str
     optional: bool = False
     false_is_none: bool = False
@@ -306,6 +321,12 @@ class _Spec:
         if self.kind == "choice":
             if value not in self.choices:
                 self._fail(value, _did_you_mean(value, self.choices))
+            return value
+        if self.kind == "str":
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            if not isinstance(value, str) or not value:
+                self._fail(value)
             return value
         return self._check_number(value)
 
@@ -382,6 +403,10 @@ _SPECS: tuple[_Spec, ...] = (
     _positive("weight_norm_max", optional=True),
     _positive("weight_growth_max", optional=True),
     _count("log_every", 0),
+    _Spec("log_file", "str", "a file path or None", optional=True, false_is_none=True),
+    _Spec("log_logger", "str", "a logger name or None", optional=True, false_is_none=True),
+    _Spec("log_tensorboard", "str", "a directory or None", optional=True, false_is_none=True),
+    _count("log_top_k", 1),
     _count("monitor_every", 0),
     _count("monitor_window", 2),
 )

@@ -12,9 +12,11 @@ import json
 import sys
 from collections.abc import Sequence
 
+from safeopt._bench import add_bench_parser, add_demo_parser
 from safeopt._errors import PolicyError
 from safeopt._policy import ENV_VAR, PRESETS, load_policy
 from safeopt._registry import installed_adapters
+from safeopt._report import add_report_parser
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -58,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_check)
     adapters = sub.add_parser("adapters", help="list the installed framework adapters")
     adapters.set_defaults(func=_cmd_adapters)
+    add_report_parser(sub)
+    add_demo_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

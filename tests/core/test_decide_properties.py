@@ -15,7 +15,7 @@ import safeopt
 from safeopt import GradStats, Policy, decide, init_state, protect
 
 xp = safeopt.namespace_by_name("numpy")
-SKIP_COUNTERS = {"skips", "consecutive_skips", "nonfinite", "spikes"}
+SKIP_COUNTERS = safeopt._decide.SKIP_FIELDS  # skip counters and NaN-onset monitor fields
 
 finite_floats = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 any_floats = st.one_of(finite_floats, st.sampled_from([math.nan, math.inf, -math.inf]))

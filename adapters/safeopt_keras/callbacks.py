@@ -1,0 +1,76 @@
+"""Keras callback: safeopt telemetry (and the divergence guard) at ``model.fit``'s host boundary.
+
+Example:
+  >>> import keras, safeopt
+  >>> from safeopt_keras.callbacks import SafeoptTelemetry
+  >>> opt = safeopt.wrap(keras.optimizers.Adam(1e-3),
+  ...                    {"log_every": 50, "log_file": "run.jsonl"})
+  >>> # model.compile(optimizer=opt, loss="mse")
+  >>> # model.fit(x, y, callbacks=[SafeoptTelemetry()])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+
+import safeopt
+from safeopt import _telemetry
+
+
+class SafeoptTelemetry(keras.callbacks.Callback):
+    """Writes a safeopt record every ``log_every`` batches of ``model.fit``.
+
+    The record goes to the sinks of the optimizer's policy (``log_file``,
+    ``log_logger``, ``log_tensorboard``) and to those added with
+    :func:`safeopt.add_sink`. Each record is one host read of safeopt's
+    state, made at the end of a batch, where ``model.fit`` is on the host
+    anyway; with ``check`` it also raises :class:`safeopt.DivergenceError`
+    once ``max_consecutive_skips`` updates in a row were skipped. Batches in
+    between cost an integer test. When the step does not receive the loss,
+    the loss Keras shows in ``logs`` (the epoch's running mean) is recorded.
+
+    Args:
+      log_every: Overrides the policy's ``log_every`` (which is 0, off, by
+        default); ``None`` keeps the policy's.
+      check: Raise on divergence at each record.
+    """
+
+    def __init__(self, log_every: int | None = None, check: bool = True) -> None:
+        super().__init__()
+        if log_every is not None and (not isinstance(log_every, int) or log_every < 1):
+            raise ValueError(
+                f"`log_every` must be an integer >= 1 or None. Received: log_every={log_every!r}"
+            )
+        self.log_every = log_every
+        self.check = check
+        self.step = 0
+
+    def _policy(self, optimizer: Any) -> safeopt.Policy:
+        policy = optimizer.policy
+        if self.log_every is not None and policy.log_every != self.log_every:
+            policy = policy.replace(log_every=self.log_every)
+        return policy
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        """Counts the batch and records when a ``log_every`` boundary was crossed."""
+        optimizer = getattr(self.model, "optimizer", None)
+        previous = self.step
+        steps_per_execution = getattr(self.model, "steps_per_execution", 1) or 1
+        self.step += int(steps_per_execution) if isinstance(steps_per_execution, int) else 1
+        if optimizer is None or not hasattr(optimizer, "policy") or not optimizer.built:
+            return
+        policy = self._policy(optimizer)
+        every = policy.log_every
+        if every <= 0 or self.step // every == previous // every:
+            return
+        loss = (logs or {}).get("loss")
+        host_loss = float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) \
+            else None
+        _telemetry.after_step(optimizer, (self.step // every) * every, policy,
+                              loss=host_loss, check=self.check)
+
+
+__all__ = ["SafeoptTelemetry"]
