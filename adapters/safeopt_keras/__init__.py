@@ -5,7 +5,8 @@ itself a ``keras.optimizers.Optimizer``: use it in ``model.compile``, in
 custom loops with ``apply_gradients``, and through ``stateless_apply`` on JAX.
 Add :class:`DivergenceGuard` to ``model.fit``'s callbacks so that a run that
 keeps producing NaN stops with :class:`safeopt.DivergenceError` (on torch the
-step raises by itself).
+step raises by itself), and :class:`SafeoptTelemetry` to record every
+``log_every`` steps.
 
 Example:
   >>> import keras, safeopt
@@ -15,7 +16,7 @@ Example:
 """
 
 from safeopt_keras._adapter import KerasAdapter
-from safeopt_keras._callbacks import DivergenceGuard
 from safeopt_keras._optimizer import SafeOptimizer
+from safeopt_keras.callbacks import DivergenceGuard, SafeoptTelemetry
 
-__all__ = ["DivergenceGuard", "KerasAdapter", "SafeOptimizer"]
+__all__ = ["DivergenceGuard", "KerasAdapter", "SafeOptimizer", "SafeoptTelemetry"]

@@ -81,6 +81,7 @@ from torch import Tensor
 
 import safeopt
 from safeopt import GradStats, Policy, PolicyState
+from safeopt._telemetry import after_step
 from safeopt_torch import _stats
 
 _xp: Any = None
@@ -102,6 +103,24 @@ def _fused_capable(inner: torch.optim.Optimizer) -> bool:
     import inspect
 
     return "grad_scaler" not in inspect.signature(inner.step).parameters
+
+
+def _decide_on_host(policy: Policy, state: PolicyState, stats: GradStats,
+                    ) -> tuple[Any, PolicyState]:
+    """``safeopt.decide`` for CPU tensors, run by NumPy on zero-copy views.
+
+    On CPU the device is the host: there is nothing to synchronise with, and
+    the core's decision (some hundred operations on 0-d and per-tensor arrays)
+    costs about ten times less dispatched by NumPy than by torch. The math is
+    the same core function; inputs and outputs share memory with the tensors.
+    """
+    xp = safeopt.namespace_by_name("numpy")
+    host_stats = GradStats(*(None if v is None else v.numpy() for v in stats))
+    host_state = PolicyState(*(v.numpy() for v in state))
+    with np.errstate(all="ignore"):
+        decision, new_state = safeopt.decide(xp, policy, host_state, host_stats)
+    back = type(decision)(*(torch.from_numpy(np.asarray(v)) for v in decision))
+    return back, PolicyState(*(torch.from_numpy(np.asarray(v)) for v in new_state))
 
 
 class _HostWatch:
@@ -318,6 +337,8 @@ class SafeOptimizer(torch.optim.Optimizer):
         given = loss if loss is not None else closure_loss
         self._protected_step(given)
         self._host_step += 1
+        if self._policy.log_every:  # one host read every log_every steps, else nothing
+            after_step(self, self._host_step, self._policy)
         return closure_loss
 
     # -- the protected step -------------------------------------------------------
@@ -330,7 +351,11 @@ class SafeOptimizer(torch.optim.Optimizer):
             _stats.divide_all(batch, amp_scale)  # unscale once, as GradScaler.unscale_
             amp_scale = None
         stats = self._gather(batch, loss, amp_scale)
-        decision, new_state = safeopt.decide(_namespace(), self._policy, self._safe_state, stats)
+        if self._device.type == "cpu":
+            decision, new_state = _decide_on_host(self._policy, self._safe_state, stats)
+        else:
+            decision, new_state = safeopt.decide(_namespace(), self._policy, self._safe_state,
+                                                 stats)
         if amp_inf is not None:  # an AMP overflow is the scaler's, not a safeopt skip
             overflow = amp_inf.to(self._device) > 0
             new_state = PolicyState(*(torch.where(overflow, old, new) for old, new
