@@ -183,12 +183,6 @@ class _Torch(Namespace):
 class _TensorFlow(Namespace):
     name = "tensorflow"
 
-    def __init__(self, module: Any) -> None:
-        self.m = module
-        self.float32 = module.float32
-        self.int32 = module.int32
-        self.bool = module.bool
-
     def asarray(self, value: Any, dtype: Any, like: Array | None = None) -> Array:
         return self.m.cast(self.m.convert_to_tensor(value), dtype)
 
@@ -225,15 +219,6 @@ class _TensorFlow(Namespace):
 
     def clip(self, x: Array, low: float, high: float) -> Array:
         return self.m.clip_by_value(x, low, high)
-
-    def logical_and(self, a: Array, b: Array) -> Array:
-        return self.m.logical_and(a, b)
-
-    def logical_or(self, a: Array, b: Array) -> Array:
-        return self.m.logical_or(a, b)
-
-    def logical_not(self, a: Array) -> Array:
-        return self.m.logical_not(a)
 
     def sum(self, x: Array, axis: Any = None, keepdims: bool = False) -> Array:
         return self.m.reduce_sum(x, axis=axis, keepdims=keepdims)
