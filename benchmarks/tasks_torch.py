@@ -24,14 +24,21 @@ from __future__ import annotations
 import importlib.util
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import safeopt
-from safeopt._demo_torch import VanillaRNN, addition_data, deep_mlp, regression_data
+from safeopt._demo_torch import (
+    VanillaRNN,
+    _sample,
+    _stream,
+    addition_data,
+    deep_mlp,
+    regression_data,
+)
 
 #: Shared hyper-parameters of the recurrent problems (every configuration, every seed).
 HYPER: dict[str, Any] = {"hidden": 50, "rho": 1.5, "lr": 0.1, "batch": 20, "eval": 1000}
@@ -166,18 +173,6 @@ def _class_wrong(out: Tensor, y: Tensor) -> Tensor:
 
 def _regression_wrong(out: Tensor, y: Tensor) -> Tensor:
     return ~((out - y).abs() <= 1.0).squeeze(-1)
-
-
-def _sample(x: Tensor, y: Tensor, batch: int, gen: torch.Generator,
-            ) -> Iterator[tuple[Tensor, Tensor]]:
-    while True:
-        idx = torch.randint(0, x.shape[0], (batch,), generator=gen)
-        yield x[idx], y[idx]
-
-
-def _stream(make: Callable[[], tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
-    while True:
-        yield make()
 
 
 # ---------------------------------------------------------------------------

@@ -40,8 +40,21 @@ class KerasAdapter(safeopt.Adapter):
         if not obj.built:
             state = safeopt.init_state(safeopt.namespace_by_name("numpy"), obj.policy)
             return obj.policy, state, {**extra, "names": []}
-        values = {f: np.asarray(keras.ops.convert_to_numpy(v))
-                  for f, v in obj.state_variables()._asdict().items()}
+        values = {f: _to_host(v) for f, v in obj.state_variables()._asdict().items()}
         extra["names"] = [v.path for v in obj._trainable_variables]
-        extra["iterations"] = int(keras.ops.convert_to_numpy(obj.iterations))
+        extra["iterations"] = int(_to_host(obj.iterations))
         return obj.policy, PolicyState(**values), extra
+
+
+def _to_host(variable: Any) -> np.ndarray:
+    """A Keras variable's value as a NumPy array, by each backend's own copy.
+
+    ``keras.ops.convert_to_numpy(variable)`` goes through ``__array__``
+    without the ``copy`` keyword, which NumPy 2 deprecates.
+    """
+    value = variable.value
+    if hasattr(value, "detach"):  # torch
+        return np.asarray(value.detach().cpu().numpy())
+    if hasattr(value, "numpy"):  # tensorflow
+        return np.asarray(value.numpy())
+    return np.asarray(value)  # jax

@@ -273,7 +273,7 @@ def test_vmap_over_independent_models():
 
 def test_sharded_params_keep_state_shardings():
     devices = jax.devices()
-    assert len(devices) == 8, "tests/jax/conftest.py sets 8 host devices"
+    assert len(devices) == 8, "tests/optax_adapter/conftest.py sets 8 host devices"
     mesh = jax.sharding.Mesh(np.array(devices).reshape(4, 2), ("data", "model"))
     spec = jax.sharding.PartitionSpec
     params = {"w": jnp.ones((8, 16)), "b": jnp.ones((16,))}

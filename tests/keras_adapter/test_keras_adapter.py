@@ -2,9 +2,9 @@
 
 Run once per backend::
 
-    KERAS_BACKEND=tensorflow python -m pytest -q tests/keras
-    KERAS_BACKEND=jax python -m pytest -q tests/keras
-    KERAS_BACKEND=torch python -m pytest -q tests/keras
+    KERAS_BACKEND=tensorflow python -m pytest -q tests/keras_adapter
+    KERAS_BACKEND=jax python -m pytest -q tests/keras_adapter
+    KERAS_BACKEND=torch python -m pytest -q tests/keras_adapter
 """
 
 from __future__ import annotations
