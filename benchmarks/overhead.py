@@ -37,7 +37,7 @@ _REQUIRES = {"torch": ("torch",), "optax": ("jax", "optax"), "keras": ("keras",)
 FULL: dict[str, Any] = {"frameworks": FRAMEWORKS, "sizes": SIZES, "tensors": TENSORS,
                         "rounds": 20}
 QUICK: dict[str, Any] = {"frameworks": ("torch",), "sizes": (10_000_000,), "tensors": (10, 1000),
-                         "rounds": 10}
+                         "rounds": 20}
 #: Column names of the torch module's wide rows, by candidate.
 _TORCH_COLUMNS = {"bare_ms": "bare", "safeopt_ms": "safeopt",
                   "clip_grad_norm_ms": "clip_grad_norm_+step"}

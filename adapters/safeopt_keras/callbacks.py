@@ -41,19 +41,12 @@ class SafeoptTelemetry(keras.callbacks.Callback):
 
     def __init__(self, log_every: int | None = None, check: bool = True) -> None:
         super().__init__()
-        if log_every is not None and (not isinstance(log_every, int) or log_every < 1):
-            raise ValueError(
-                f"`log_every` must be an integer >= 1 or None. Received: log_every={log_every!r}"
-            )
-        self.log_every = log_every
+        self.log_every = _telemetry.checked_log_every(log_every)
         self.check = check
         self.step = 0
 
     def _policy(self, optimizer: Any) -> safeopt.Policy:
-        policy = optimizer.policy
-        if self.log_every is not None and policy.log_every != self.log_every:
-            policy = policy.replace(log_every=self.log_every)
-        return policy
+        return _telemetry.with_log_every(optimizer.policy, self.log_every)
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         """Counts the batch and records when a ``log_every`` boundary was crossed."""

@@ -47,11 +47,7 @@ class SafeoptLightningCallback(_Base):
 
     def __init__(self, log_every: int | None = None, check: bool = True) -> None:
         super().__init__()
-        if log_every is not None and (not isinstance(log_every, int) or log_every < 1):
-            raise ValueError(
-                f"`log_every` must be an integer >= 1 or None. Received: log_every={log_every!r}"
-            )
-        self.log_every = log_every
+        self.log_every = _telemetry.checked_log_every(log_every)
         self.check = check
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
@@ -66,9 +62,7 @@ class SafeoptLightningCallback(_Base):
                                   check=self.check)
 
     def _policy(self, policy: Policy) -> Policy:
-        if self.log_every is not None and policy.log_every != self.log_every:
-            return policy.replace(log_every=self.log_every)
-        return policy
+        return _telemetry.with_log_every(policy, self.log_every)
 
 
 def _safe_optimizers(trainer: Any) -> list[SafeOptimizer]:

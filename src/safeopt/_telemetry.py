@@ -242,6 +242,24 @@ def policy_of(obj: Any) -> Policy:
     return read_state(obj)[0]
 
 
+def checked_log_every(log_every: int | None) -> int | None:
+    """Validates a callback's ``log_every`` override (``None``: keep the policy's)."""
+    if log_every is not None and (
+        isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1
+    ):
+        raise ValueError(
+            f"`log_every` must be an integer >= 1 or None. Received: log_every={log_every!r}"
+        )
+    return log_every
+
+
+def with_log_every(policy: Policy, log_every: int | None) -> Policy:
+    """``policy`` with a callback's ``log_every`` override applied."""
+    if log_every is None or policy.log_every == log_every:
+        return policy
+    return policy.replace(log_every=log_every)
+
+
 def due(policy: Policy, step: int) -> bool:
     """Whether ``step`` is a telemetry step of ``policy`` (pure Python, no device)."""
     return policy.log_every > 0 and step % policy.log_every == 0
