@@ -10,6 +10,7 @@ arrays' types and a framework is never imported here: it is read from
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -127,6 +128,143 @@ class _NumPy(Namespace):
         return self.m.asarray(self.m.take(x, index))
 
 
+class _Host(_NumPy):
+    """NumPy with every 0-d value held as a NumPy scalar (``np.float32``, ...).
+
+    For decisions taken on the host (a CPU training step), where the policy
+    math runs on a handful of scalars and a few short vectors: an operation on
+    NumPy scalars costs a tenth of the same ufunc on 0-d arrays, and keeps
+    NumPy's float32 arithmetic (the results are bit-identical to the
+    ``"numpy"`` namespace's; the tests check it). Vectors stay NumPy arrays.
+    Scalar fast paths fall back to NumPy whenever an operand is an array or
+    the result type is not plain, so NumPy's promotion rules always hold.
+    """
+
+    name = "host"
+
+    def __init__(self, module: Any) -> None:
+        super().__init__(module)
+        self._nd = module.ndarray
+        self._real_types = (module.floating, module.integer, float, int)
+
+    def _scalar(self, a: Any, b: Any = None, c: Any = None) -> bool:
+        """No operand is an array (the others are NumPy scalars or Python numbers)."""
+        nd = self._nd
+        return not (isinstance(a, nd) or isinstance(b, nd) or isinstance(c, nd))
+
+    def _real(self, a: Any, b: Any = 0) -> bool:
+        real = self._real_types
+        return (isinstance(a, real) and isinstance(b, real)
+                and not isinstance(a, bool) and not isinstance(b, bool))
+
+    def asarray(self, value: Any, dtype: Any, like: Array | None = None) -> Array:
+        if self._scalar(value):
+            return dtype(value)
+        return _unwrap(self.m.asarray(value, dtype=dtype))
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any, like: Array | None = None) -> Array:
+        return dtype(0) if shape == () else self.m.zeros(shape, dtype=dtype)
+
+    def astype(self, x: Array, dtype: Any) -> Array:
+        if self._scalar(x):
+            return dtype(x)
+        return _unwrap(self.m.asarray(x).astype(dtype))
+
+    def where(self, cond: Array, a: Array, b: Array) -> Array:
+        if self._scalar(cond, a, b):
+            picked, other = (a, b) if cond else (b, a)
+            typed = self._typed(picked, other)
+            if typed is not None:
+                return typed
+        return _unwrap(self.m.where(cond, a, b))
+
+    def sqrt(self, x: Array) -> Array:
+        if type(x) is self.m.float32:  # sqrt is correctly rounded in float64 and float32
+            return self.m.float32(math.sqrt(x) if x >= 0 else math.nan)
+        return _unwrap(self.m.sqrt(x))
+
+    def abs(self, x: Array) -> Array:
+        return abs(x) if self._scalar(x) else self.m.abs(x)
+
+    def isfinite(self, x: Array) -> Array:
+        if self._real(x):
+            return self.m.bool(math.isfinite(x))
+        return _unwrap(self.m.isfinite(x))
+
+    def minimum(self, a: Array, b: Array) -> Array:
+        if self._real(a, b):
+            picked, other = (b, a) if b != b or (a == a and b < a) else (a, b)
+            typed = self._typed(picked, other)
+            if typed is not None:
+                return typed
+        return _unwrap(self.m.minimum(a, b))
+
+    def maximum(self, a: Array, b: Array) -> Array:
+        if self._real(a, b):
+            picked, other = (b, a) if b != b or (a == a and b > a) else (a, b)
+            typed = self._typed(picked, other)
+            if typed is not None:
+                return typed
+        return _unwrap(self.m.maximum(a, b))
+
+    def logical_and(self, a: Array, b: Array) -> Array:
+        if self._scalar(a, b):
+            return self.m.bool(bool(a) and bool(b))
+        return _unwrap(self.m.logical_and(a, b))
+
+    def logical_or(self, a: Array, b: Array) -> Array:
+        if self._scalar(a, b):
+            return self.m.bool(bool(a) or bool(b))
+        return _unwrap(self.m.logical_or(a, b))
+
+    def logical_not(self, a: Array) -> Array:
+        if self._scalar(a):
+            return self.m.bool(not a)
+        return _unwrap(self.m.logical_not(a))
+
+    def max(self, x: Array) -> Array:
+        return _unwrap(self.m.max(x))
+
+    def sum(self, x: Array, axis: Any = None, keepdims: bool = False) -> Array:
+        return _unwrap(self.m.sum(x, axis=axis, keepdims=keepdims))
+
+    def any(self, x: Array) -> Array:
+        return _unwrap(self.m.any(x))
+
+    def take(self, x: Array, index: Array) -> Array:
+        return _unwrap(self.m.take(x, index))
+
+    def _typed(self, picked: Any, other: Any) -> Any:
+        """``picked`` with the type NumPy's array result would have, or None if unsure.
+
+        Two NumPy scalars of one type keep it; a Python number beside a NumPy
+        scalar takes the scalar's type where NEP 50 says it does (an int
+        beside any number, a float beside a float). Anything else is left to
+        NumPy.
+        """
+        generic = self.m.generic
+        picked_np, other_np = isinstance(picked, generic), isinstance(other, generic)
+        if picked_np and other_np:
+            return picked if type(picked) is type(other) else None
+        if picked_np and self._weak_fits(other, picked):
+            return picked
+        if other_np and self._weak_fits(picked, other):
+            return type(other)(picked)
+        return None
+
+    def _weak_fits(self, python: Any, typed: Any) -> bool:
+        if isinstance(typed, self.m.bool_):
+            return isinstance(python, bool)
+        if isinstance(python, float):
+            return isinstance(typed, self.m.floating)
+        return isinstance(python, (bool, int))
+
+
+def _unwrap(x: Any) -> Any:
+    """A 0-d ndarray as its NumPy scalar; anything else as it is."""
+    return x[()] if getattr(x, "ndim", None) == 0 and hasattr(x, "dtype") else x
+
+
 class _Torch(Namespace):
     name = "torch"
 
@@ -239,6 +377,7 @@ class _TensorFlow(Namespace):
 _BACKENDS: dict[str, tuple[str, type[Namespace]]] = {
     # name: (module that must be imported, namespace class)
     "numpy": ("numpy", _NumPy),
+    "host": ("numpy", _Host),
     "torch": ("torch", _Torch),
     "jax": ("jax.numpy", Namespace),
     "tensorflow": ("tensorflow", _TensorFlow),
@@ -250,7 +389,9 @@ def namespace_by_name(name: str) -> Namespace:
     """Returns the namespace of framework ``name`` (it must be imported already).
 
     Args:
-      name: One of ``"numpy"``, ``"torch"``, ``"jax"``, ``"tensorflow"``.
+      name: One of ``"numpy"``, ``"host"`` (NumPy with 0-d values as NumPy
+        scalars, for decisions taken on the host), ``"torch"``, ``"jax"``,
+        ``"tensorflow"``.
 
     Raises:
       ValueError: for an unknown name or a framework the caller never imported.
@@ -260,7 +401,7 @@ def namespace_by_name(name: str) -> Namespace:
     if name not in _BACKENDS:
         raise ValueError(f"`name` must be one of {sorted(_BACKENDS)}. Received: name={name!r}")
     module_name, cls = _BACKENDS[name]
-    if name == "numpy":
+    if module_name == "numpy":
         import numpy  # numpy is a dependency of safeopt, not a framework
 
         module: Any = numpy

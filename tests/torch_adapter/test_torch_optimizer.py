@@ -17,6 +17,7 @@ from torch_helpers import (
 )
 
 import safeopt
+from safeopt_torch import SafeOptimizer
 
 
 def _wrapped(net: torch.nn.Module, policy: object = None, fused: bool = True,
@@ -169,7 +170,9 @@ def test_fused_step_never_syncs(name: str, monkeypatch: pytest.MonkeyPatch) -> N
         "SGD": lambda: torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.9, fused=True),
         "Adagrad": lambda: torch.optim.Adagrad(net.parameters(), lr=1e-2, fused=True),
     }[name]
-    opt = safeopt.wrap(factory(), {"clip_norm": 1.0, "max_consecutive_skips": 3})
+    # decisions on the device, as on an accelerator (CPU defaults to host decisions)
+    opt = SafeOptimizer(factory(), safeopt.Policy(clip_norm=1.0, max_consecutive_skips=3),
+                        decide_on="device")
     train(net, opt, batches(1))  # the first step creates the inner state (sync path)
     assert safeopt.stats(opt)["path"] == "fused"
     data = batches(4, seed=3)
@@ -245,8 +248,8 @@ def test_grad_scaler_with_bf16_autocast_trains() -> None:
 def test_foreach_path_syncs_once_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
     net = model()
     # SGD: torch's foreach Adam reads its own CPU step counters with .item()
-    opt = safeopt.wrap(torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.9, foreach=True),
-                       {"clip_norm": 1.0, "monitor_every": 0})
+    opt = SafeOptimizer(torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.9, foreach=True),
+                        safeopt.Policy(clip_norm=1.0, monitor_every=0), decide_on="device")
     assert safeopt.stats(opt)["path"] == "foreach"
     train(net, opt, batches(1))
     transfers = []

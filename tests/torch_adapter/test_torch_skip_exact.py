@@ -16,33 +16,39 @@ from torch_helpers import (
 )
 
 import safeopt
+from safeopt_torch import SafeOptimizer
 
 STEPS = 50
 POISON = {0: math.nan, 7: math.inf, 23: math.nan, 24: -math.inf, 41: math.nan}
 
 
+@pytest.mark.parametrize("decide_on", ["host", "device"])
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("policy", [{"clip_norm": 1.0}, {"clip_norm": None}],
                          ids=["clip", "skip-only"])
-def test_skipped_steps_never_happened(name: str, fused: bool, policy: dict) -> None:
+def test_skipped_steps_never_happened(name: str, fused: bool, policy: dict,
+                                      decide_on: str) -> None:
     data = batches(STEPS)
     kw = {"fused": True} if fused else {"foreach": True}
 
     net = model()
-    opt = safeopt.wrap(OPTIMIZERS[name](net.parameters(), **kw), policy)
+    opt = SafeOptimizer(OPTIMIZERS[name](net.parameters(), **kw), safeopt.Policy(**policy),
+                        decide_on=decide_on)
     train(net, opt, data, poison=POISON)
 
     ref_net = model()
     ref_inner = OPTIMIZERS[name](ref_net.parameters(), **kw)
     # Without clipping the reference is the bare optimizer; with it, the same wrapper.
-    ref = ref_inner if policy["clip_norm"] is None else safeopt.wrap(ref_inner, policy)
+    ref = ref_inner if policy["clip_norm"] is None else SafeOptimizer(
+        ref_inner, safeopt.Policy(**policy), decide_on=decide_on)
     train(ref_net, ref, [b for i, b in enumerate(data) if i not in POISON])
 
     assert_same_params(net, ref_net)
     assert_same_state(opt, ref)
     stats = safeopt.stats(opt)
     assert stats["path"] == ("fused" if fused else "foreach")
+    assert stats["decisions"] == decide_on
     assert stats["skips"] == len(POISON)
     assert stats["nonfinite"] == len(POISON)
     assert stats["steps"] == STEPS - len(POISON)
