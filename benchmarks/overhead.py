@@ -41,7 +41,8 @@ QUICK: dict[str, Any] = {"frameworks": ("torch",), "sizes": (10_000_000,), "tens
 #: Column names of the torch module's wide rows, by candidate.
 _TORCH_COLUMNS = {"bare_ms": "bare", "safeopt_ms": "safeopt",
                   "safeopt_steady_ms": "safeopt, norm under clip_norm",
-                  "clip_grad_norm_ms": "clip_grad_norm_+step"}
+                  "clip_grad_norm_ms": "clip_grad_norm_+step",
+                  "zclip_ms": "zclip+step", "smartclip_ms": "smartclip.step(ZScoreClip)"}
 
 
 def installed(framework: str) -> bool:

@@ -1,6 +1,6 @@
 """Overhead of the torch wrapper on a fused AdamW step.
 
-Four candidates, measured interleaved in one process
+Four candidates (more with the peers), measured interleaved in one process
 (:func:`safeopt_bench._timing.interleaved`) over parameters and gradients of
 the same shapes:
 
@@ -11,7 +11,9 @@ the same shapes:
 - ``safeopt_steady``: the same wrapper with gradients whose norm stays
   under ``clip_norm`` (the steady state of a healthy run);
 - ``clip_grad_norm_``: ``torch.nn.utils.clip_grad_norm_(params, 1.0)``
-  followed by the bare step.
+  followed by the bare step;
+- the third-party peers, when installed: ``zclip`` and ``smartclip`` (see
+  :func:`_peers`).
 
 The gradients are set once and not regenerated between steps, so only the
 optimizer step is timed. The wrapped step costs, on top of the bare one, one
@@ -29,6 +31,7 @@ Target (issue 3): ``safeopt`` at most 1.25x ``bare`` and below
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,6 +41,8 @@ import safeopt
 from safeopt_bench._timing import interleaved, ratios, split_sizes
 
 POLICY = {"clip_norm": 1.0, "skip_nonfinite": True}
+#: Third-party peers measured when installed (see :func:`_peers`).
+PEERS = ("zclip", "smartclip")
 
 
 def _params(sizes: Sequence[int], device: str, seed: int,
@@ -67,8 +72,42 @@ def _candidates(total: int, n_tensors: int, device: str) -> dict[str, Callable[[
         torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
         clip.step()
 
-    return {"bare": bare.step, "safeopt": safe.step, "safeopt_steady": steady.step,
-            "clip_grad_norm_": clip_step}
+    out = {"bare": bare.step, "safeopt": safe.step, "safeopt_steady": steady.step,
+           "clip_grad_norm_": clip_step}
+    out.update(_peers(sizes, device))
+    return out
+
+
+def _peers(sizes: Sequence[int], device: str) -> dict[str, Callable[[], Any]]:
+    """Third-party clippers that are installed, each followed by the bare fused step.
+
+    ``zclip``: ``ZClip(max_grad_norm=1.0).step(model)`` (its z-score mode,
+    capped at 1.0); ``smartclip``: ``smartclip.step(model, opt,
+    ZScoreClip())``. Both read the norm on the host every step (``.item()``).
+    """
+    out: dict[str, Callable[[], Any]] = {}
+    if importlib.util.find_spec("zclip") is not None:
+        from zclip import ZClip
+
+        z_params = _params(sizes, device, 0)
+        z_model, z_opt = torch.nn.ParameterList(z_params), torch.optim.AdamW(
+            z_params, lr=1e-4, fused=True)
+        zclip = ZClip(max_grad_norm=1.0)
+
+        def zclip_step() -> None:
+            zclip.step(z_model)
+            z_opt.step()
+
+        out["zclip"] = zclip_step
+    if importlib.util.find_spec("smartclip") is not None:
+        import smartclip
+
+        s_params = _params(sizes, device, 0)
+        s_model, s_opt = torch.nn.ParameterList(s_params), torch.optim.AdamW(
+            s_params, lr=1e-4, fused=True)
+        clipper = smartclip.ZScoreClip()
+        out["smartclip"] = lambda: smartclip.step(s_model, s_opt, clipper)
+    return out
 
 
 def measure(total: int = 10_000_000, n_tensors: int = 10, device: str = "cpu",
@@ -94,6 +133,7 @@ def measure(total: int = 10_000_000, n_tensors: int = 10, device: str = "cpu",
         "clip_grad_norm_ms": medians["clip_grad_norm_"] * 1e3,
         "safeopt_x": rel["safeopt"], "safeopt_steady_x": rel["safeopt_steady"],
         "clip_grad_norm_x": rel["clip_grad_norm_"],
+        **{f"{peer}_ms": medians[peer] * 1e3 for peer in PEERS if peer in medians},
     }
 
 

@@ -5,7 +5,8 @@ temporal-order problems of Pascanu, Mikolov & Bengio (2013) at sequence
 lengths 50, 100 and 200, vanilla RNN of 50 tanh units, recurrent spectral
 radius 1.5, plain SGD) and each configuration (no protection,
 ``clip_grad_norm_(1.0)``, safeopt ``default``, safeopt ``adaptive="zscore"``,
-and ``zclip`` when installed), it trains one run per seed with the same
+and the peers ``zclip`` and ``smartclip`` (its ``ZScoreClip``) when
+installed: ``pip install "safeopt[peers]"``), it trains one run per seed with the same
 hyper-parameters and reports the success rate (success: fewer than 1% of
 fresh sequences wrong; an addition sequence is wrong when its squared error
 exceeds 0.04) and the median final loss. Only PyTorch is measured: the

@@ -82,6 +82,8 @@ def configurations() -> dict[str, Callable[[nn.Module, torch.optim.Optimizer], S
     }
     if importlib.util.find_spec("zclip") is not None:
         configs["zclip (peer)"] = _zclip
+    if importlib.util.find_spec("smartclip") is not None:
+        configs["smartclip ZScoreClip (peer)"] = _smartclip
     return configs
 
 
@@ -109,6 +111,16 @@ def _zclip(model: nn.Module, opt: torch.optim.Optimizer) -> Stepper:
     def step(m: nn.Module, loss: Tensor) -> None:
         clip.step(m)
         opt.step()
+    return step
+
+
+def _smartclip(model: nn.Module, opt: torch.optim.Optimizer) -> Stepper:
+    import smartclip  # optional peer: pip install smartclip
+
+    clipper = smartclip.ZScoreClip()  # its defaults, like the other configurations
+
+    def step(m: nn.Module, loss: Tensor) -> None:
+        smartclip.step(m, opt, clipper)
     return step
 
 

@@ -7,7 +7,9 @@ optimizers (``Adam``, ``AdamW``, ``SGD`` with ``fused=True``; ``Adagrad`` with
 the kernel through its ``grad_scale`` / ``found_inf`` inputs with no host
 synchronisation. Every other optimizer takes the ``"foreach"`` path: one host
 synchronisation per step, for the skip. ``safeopt.stats(opt)["path"]`` says
-which one a run gets.
+which one a run gets. On CPU, where the device is the host, the decision is
+taken on the host and applied by branching (``stats(opt)["decisions"] ==
+"host"``); see :mod:`safeopt_torch._optimizer`.
 """
 
 from __future__ import annotations

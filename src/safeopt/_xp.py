@@ -146,6 +146,10 @@ class _Host(_NumPy):
         super().__init__(module)
         self._nd = module.ndarray
         self._real_types = (module.floating, module.integer, float, int)
+        self._typed_scalars = frozenset({module.float32, module.float64, module.int32,
+                                         module.int64, module.bool_})
+        self._flags = frozenset({module.bool_, bool})
+        self._true, self._false = module.True_, module.False_
 
     def _scalar(self, a: Any, b: Any = None, c: Any = None) -> bool:
         """No operand is an array (the others are NumPy scalars or Python numbers)."""
@@ -157,8 +161,11 @@ class _Host(_NumPy):
         return (isinstance(a, real) and isinstance(b, real)
                 and not isinstance(a, bool) and not isinstance(b, bool))
 
+    def _flag(self, value: Any) -> Any:
+        return self._true if value else self._false
+
     def asarray(self, value: Any, dtype: Any, like: Array | None = None) -> Array:
-        if self._scalar(value):
+        if not isinstance(value, (list, tuple)) and self._scalar(value):
             return dtype(value)
         return _unwrap(self.m.asarray(value, dtype=dtype))
 
@@ -166,11 +173,19 @@ class _Host(_NumPy):
         return dtype(0) if shape == () else self.m.zeros(shape, dtype=dtype)
 
     def astype(self, x: Array, dtype: Any) -> Array:
+        if type(x) is dtype:
+            return x
         if self._scalar(x):
             return dtype(x)
         return _unwrap(self.m.asarray(x).astype(dtype))
 
     def where(self, cond: Array, a: Array, b: Array) -> Array:
+        kind = type(a)
+        if type(cond) in self._flags and kind is type(b):
+            if kind in self._typed_scalars:
+                return a if cond else b  # the common case: two scalars of one NumPy type
+            if kind is self._nd and a.shape == b.shape and a.dtype == b.dtype:
+                return a if cond else b  # arrays are never written in place here
         if self._scalar(cond, a, b):
             picked, other = (a, b) if cond else (b, a)
             typed = self._typed(picked, other)
@@ -187,8 +202,8 @@ class _Host(_NumPy):
         return abs(x) if self._scalar(x) else self.m.abs(x)
 
     def isfinite(self, x: Array) -> Array:
-        if self._real(x):
-            return self.m.bool(math.isfinite(x))
+        if type(x) is self.m.float32 or self._real(x):
+            return self._flag(math.isfinite(x))
         return _unwrap(self.m.isfinite(x))
 
     def minimum(self, a: Array, b: Array) -> Array:
@@ -209,21 +224,26 @@ class _Host(_NumPy):
 
     def logical_and(self, a: Array, b: Array) -> Array:
         if self._scalar(a, b):
-            return self.m.bool(bool(a) and bool(b))
+            return self._flag(a and b)
         return _unwrap(self.m.logical_and(a, b))
 
     def logical_or(self, a: Array, b: Array) -> Array:
         if self._scalar(a, b):
-            return self.m.bool(bool(a) or bool(b))
+            return self._flag(a or b)
         return _unwrap(self.m.logical_or(a, b))
 
     def logical_not(self, a: Array) -> Array:
         if self._scalar(a):
-            return self.m.bool(not a)
+            return self._flag(not a)
         return _unwrap(self.m.logical_not(a))
 
     def max(self, x: Array) -> Array:
         return _unwrap(self.m.max(x))
+
+    def stack(self, xs: list[Array]) -> Array:
+        if not any(isinstance(x, self._nd) for x in xs):
+            return self.m.array(xs)  # scalars: a tenth of the cost of np.stack
+        return self.m.stack(xs)
 
     def sum(self, x: Array, axis: Any = None, keepdims: bool = False) -> Array:
         return _unwrap(self.m.sum(x, axis=axis, keepdims=keepdims))
