@@ -298,6 +298,7 @@ class SafeOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_on_host", False)  # pickled before host decisions existed
         self._watch = _HostWatch()
         self._patch_step_function()
 
@@ -460,7 +461,7 @@ class SafeOptimizer(torch.optim.Optimizer):
         with np.errstate(all="ignore"):
             decision, new_state = safeopt.decide(_host_namespace(), self._policy,
                                                  self._safe_state, host_stats)
-        if amp_inf is not None and float(_host(amp_inf)) > 0:
+        if amp_inf is not None and bool(np.any(_host(amp_inf) > 0)):
             return  # an AMP overflow is the scaler's, not a safeopt skip: nothing changes
         self._safe_state = new_state
         if not decision.skip:

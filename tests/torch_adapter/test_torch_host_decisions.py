@@ -133,3 +133,26 @@ def test_cpu_norms_match_the_foreach_norms() -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0)
     doubles = [t.double() for t in tensors[:2]]
     torch.testing.assert_close(_stats._cpu_norms(doubles), want[:2], rtol=1e-6, atol=0.0)
+
+
+def test_pickled_wrapper_continues_the_same_run() -> None:
+    import copy
+
+    data = batches(6)
+    net = model()
+    opt = safeopt.wrap(torch.optim.AdamW(net.parameters(), lr=1e-2, fused=True), {})
+
+    def run(n: torch.nn.Module, o: torch.optim.Optimizer, part: list) -> None:
+        for x, y in part:
+            o.zero_grad()
+            with torch.enable_grad():
+                torch.nn.functional.mse_loss(n(x), y).backward()
+            o.step()
+
+    run(net, opt, data[:3])
+    twin_net, twin = copy.deepcopy((net, opt))  # parameters and optimizer stay linked
+    assert twin.decisions == "host"
+    run(net, opt, data[3:])
+    run(twin_net, twin, data[3:])
+    assert_same_params(net, twin_net)
+    assert safeopt.stats(twin)["steps"] == safeopt.stats(opt)["steps"] == 6
