@@ -25,7 +25,8 @@ gets ``grad_scale`` only on the steps that clip: ``safeopt_steady`` shows
 what a step costs when there is nothing to clip.
 
 Target (issue 3): ``safeopt`` at most 1.25x ``bare`` and below
-``clip_grad_norm_``. Run: ``python -m safeopt_bench.overhead_torch``.
+``clip_grad_norm_``. Run: ``python -m safeopt_bench.overhead_torch``;
+``--decompose`` shows where the CPU step's time goes (:func:`decompose`).
 """
 
 from __future__ import annotations
@@ -137,6 +138,45 @@ def measure(total: int = 10_000_000, n_tensors: int = 10, device: str = "cpu",
     }
 
 
+def decompose(total: int = 10_000_000, n_tensors: int = 10, rounds: int = 60,
+              warmup: int = 3) -> dict[str, float]:
+    """Where the wrapped CPU step's time goes, as ratios to the bare step.
+
+    Candidates, interleaved in one process, each on its own copy of the data:
+    ``read+step`` (a plain ``sum`` over the gradients, the floor of any norm,
+    then the bare step), ``norm+step`` (safeopt's norm kernel, then the bare
+    step), and the wrapped step without and with clipping. What the wrapper
+    adds beyond ``norm+step`` is the decision and its Python.
+    """
+    from safeopt_torch import _stats
+
+    sizes = split_sizes(total, n_tensors)
+
+    def bare_opt(grad_std: float = 10.0) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+        params = _params(sizes, "cpu", 0, grad_std)
+        return torch.optim.AdamW(params, lr=1e-4, fused=True), params
+
+    bare, _ = bare_opt()
+    read, read_params = bare_opt()
+    norm, norm_params = bare_opt()
+    steady = safeopt.wrap(bare_opt(0.1 / total ** 0.5)[0], POLICY)
+    clipping = safeopt.wrap(bare_opt()[0], POLICY)
+
+    def read_step() -> None:
+        for p in read_params:
+            p.grad.sum()  # type: ignore[union-attr]
+        read.step()
+
+    def norm_step() -> None:
+        _stats._cpu_norms([p.grad for p in norm_params])  # type: ignore[misc]
+        norm.step()
+
+    medians = interleaved({"bare": bare.step, "read+step": read_step, "norm+step": norm_step,
+                           "safeopt, no clip": steady.step, "safeopt, clipping": clipping.step},
+                          warmup=warmup, rounds=rounds)
+    return ratios(medians, "bare")
+
+
 def rows(total: int = 10_000_000, tensor_counts: Sequence[int] = (10, 200, 1000),
          device: str = "cpu", rounds: int = 30) -> list[dict[str, Any]]:
     """Rows of :func:`measure` for each tensor count (what ``safeopt bench`` calls)."""
@@ -169,9 +209,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0: torch's default); 1 is steadier on "
                              "a shared machine")
+    parser.add_argument("--decompose", action="store_true",
+                        help="CPU: where the wrapped step's time goes (read floor, norm, "
+                             "decision), at the first --tensors count")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.decompose:
+        parts = decompose(args.params, args.tensors[0], rounds=2 * args.rounds)
+        print(" ".join(f"{name}={ratio:.3f}x" for name, ratio in parts.items()))
+        return
     print(markdown(rows(args.params, args.tensors, args.device, args.rounds)))
 
 

@@ -63,3 +63,12 @@ def test_stability_quick_reports_every_configuration(tmp_path: Path) -> None:
     assert by[("addition", "safeopt default")]["nan_runs"] == 0
     assert math.isfinite(by[("addition", "safeopt default")]["median_loss"])
     assert "| addition | 20 | safeopt default |" in (tmp_path / "stability.md").read_text()
+
+
+def test_overhead_decomposition_runs_every_part() -> None:
+    from safeopt_bench import overhead_torch
+
+    parts = overhead_torch.decompose(total=20_000, n_tensors=4, rounds=2, warmup=1)
+    assert set(parts) == {"bare", "read+step", "norm+step", "safeopt, no clip",
+                          "safeopt, clipping"}
+    assert parts["bare"] == 1.0 and all(v > 0 for v in parts.values())
