@@ -465,18 +465,11 @@ class SafeOptimizer(torch.optim.Optimizer):
             return  # an AMP overflow is the scaler's, not a safeopt skip: nothing changes
         self._safe_state = new_state
         if not decision.skip:
-            clipped = bool(decision.clipped) and self._global_clip()
-            if self._fused:
-                scale = torch.tensor(decision.inv_scale) if clipped else None
-                if amp_scale is not None:
-                    amp = amp_scale.to(self._device, torch.float32)
-                    scale = amp if scale is None else amp * scale
-                self._run_inner(scale, None)
-            else:
-                if clipped:
-                    _stats.scale_all(batch, torch.tensor(decision.scale))
-                self._inner.step()
-            self._inner_ready = True
+            if bool(decision.clipped) and self._global_clip():
+                self._apply(batch, torch.tensor(decision.scale), torch.tensor(decision.inv_scale),
+                            amp_scale)
+            else:  # nothing to scale: the fused kernel gets no grad_scale to write back
+                self._apply(batch, None, None, amp_scale)
         safeopt.raise_if_diverged(self._policy,
                                   {"consecutive_skips": int(new_state.consecutive_skips)}, self)
 
@@ -488,7 +481,7 @@ class SafeOptimizer(torch.optim.Optimizer):
         if amp_inf is not None:
             amp = torch.clamp(amp_inf.to(decision.found_inf), max=1.0)
             found_inf = amp if found_inf is None else torch.maximum(found_inf, amp)
-        self._run_inner(self._grad_scale(decision, amp_scale), found_inf)
+        self._run_inner(self._grad_scale(self._clip_inverse(decision), amp_scale), found_inf)
         self._safe_state = new_state
         streak = self._watch.push(new_state.consecutive_skips)
         if streak is not None:
@@ -503,7 +496,8 @@ class SafeOptimizer(torch.optim.Optimizer):
         """
         self._safe_state = new_state
         if not self._can_skip() and amp_inf is None:
-            self._apply(batch, decision, amp_scale, clipped=True)
+            self._apply(batch, self._clip_factor(decision), self._clip_inverse(decision),
+                        amp_scale)
             return
         overflow = torch.zeros((), dtype=torch.int32, device=self._device) if amp_inf is None \
             else (amp_inf.to(self._device) > 0).to(torch.int32)
@@ -511,16 +505,22 @@ class SafeOptimizer(torch.optim.Optimizer):
                              decision.clipped.to(torch.int32), overflow]).tolist()
         skip, streak, clipped, amp_overflow = (int(v) for v in flags)
         if not (skip or amp_overflow):
-            self._apply(batch, decision, amp_scale, clipped=bool(clipped))
+            scale = self._clip_factor(decision) if clipped else None
+            self._apply(batch, scale, self._clip_inverse(decision), amp_scale)
         safeopt.raise_if_diverged(self._policy, {"consecutive_skips": streak}, self)
 
-    def _apply(self, batch: _stats.Batch, decision: Any, amp_scale: Tensor | None,
-               clipped: bool) -> None:
+    def _apply(self, batch: _stats.Batch, scale: Tensor | None, inv_scale: Tensor | None,
+               amp_scale: Tensor | None) -> None:
+        """Runs the inner step with the global clip applied.
+
+        ``scale`` multiplies the gradients (foreach path) and ``inv_scale`` is
+        the fused kernel's divisor; ``None`` means no clip this step.
+        """
         if self._fused:
-            self._run_inner(self._grad_scale(decision, amp_scale), None)
+            self._run_inner(self._grad_scale(inv_scale, amp_scale), None)
         else:
-            if clipped and self._global_clip():
-                _stats.scale_all(batch, decision.scale)
+            if scale is not None:
+                _stats.scale_all(batch, scale)
             self._inner.step()
         self._inner_ready = True  # the inner optimizer has created its state
 
@@ -543,12 +543,18 @@ class SafeOptimizer(torch.optim.Optimizer):
     def _global_clip(self) -> bool:
         return self._policy.clip_norm is not None and self._policy.norm_scope == "global"
 
-    def _grad_scale(self, decision: Any, amp_scale: Tensor | None) -> Tensor | None:
-        scale = decision.inv_scale if self._global_clip() else None
+    def _clip_factor(self, decision: Any) -> Tensor | None:
+        return decision.scale if self._global_clip() else None
+
+    def _clip_inverse(self, decision: Any) -> Tensor | None:
+        return decision.inv_scale if self._global_clip() else None
+
+    def _grad_scale(self, inv_scale: Tensor | None, amp_scale: Tensor | None) -> Tensor | None:
+        """The fused kernel's ``grad_scale``: the clip divisor times the AMP loss scale."""
         if amp_scale is None:
-            return scale
+            return inv_scale
         amp = amp_scale.to(self._device, torch.float32)
-        return amp if scale is None else amp * scale
+        return amp if inv_scale is None else amp * inv_scale
 
     def _modifies_elements(self) -> bool:
         policy = self._policy
