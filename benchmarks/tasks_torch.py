@@ -24,21 +24,105 @@ from __future__ import annotations
 import importlib.util
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import safeopt
-from safeopt._demo_torch import (
-    VanillaRNN,
-    _sample,
-    _stream,
-    addition_data,
-    deep_mlp,
-    regression_data,
-)
+
+_IN = 20  # inputs of the regression task
+
+# ---------------------------------------------------------------------------
+# Data and models (shared with the torch demo).
+# ---------------------------------------------------------------------------
+def regression_data(n: int, gen: torch.Generator, scale: float = 10.0,
+                    ) -> tuple[Tensor, Tensor]:
+    """``y = scale * tanh(2 x.w / sqrt(d)) + noise``: a smooth target of scale 10."""
+    x = torch.randn(n, _IN, generator=gen)
+    w = torch.randn(_IN, 1, generator=torch.Generator().manual_seed(1234))
+    y = torch.tanh(2.0 * (x @ w) / math.sqrt(_IN)) * scale
+    return x, y + 0.1 * scale * torch.randn(n, 1, generator=gen)
+
+
+def addition_data(n: int, length: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The addition problem (Hochreiter & Schmidhuber, 1997; Pascanu et al., 2013).
+
+    Each step carries a value in [0, 1] and a marker; two steps are marked,
+    one in the first 10% of the sequence and one before the middle; the target
+    is the sum of the two marked values.
+    """
+    values = torch.rand(n, length, generator=gen)
+    marks = torch.zeros(n, length)
+    rows = torch.arange(n)
+    first = torch.randint(0, max(length // 10, 1), (n,), generator=gen)
+    second = torch.randint(max(length // 10, 1), length // 2, (n,), generator=gen)
+    marks[rows, first] = 1.0
+    marks[rows, second] = 1.0
+    return torch.stack([values, marks], -1), (values * marks).sum(1, keepdim=True)
+
+
+# ---------------------------------------------------------------------------
+# Models.
+# ---------------------------------------------------------------------------
+def deep_mlp(depth: int = 12, width: int = 64, gain: float = 1.5) -> nn.Sequential:
+    """A deep tanh MLP with large initial weights (std ``gain / sqrt(fan_in)``)."""
+    layers: list[nn.Module] = []
+    fan_in = _IN
+    for _ in range(depth):
+        layers += [_linear(fan_in, width, gain), nn.Tanh()]
+        fan_in = width
+    layers.append(_linear(fan_in, 1, gain))
+    return nn.Sequential(*layers)
+
+
+def _linear(n_in: int, n_out: int, gain: float) -> nn.Linear:
+    layer = nn.Linear(n_in, n_out)
+    nn.init.normal_(layer.weight, 0.0, gain / math.sqrt(n_in))
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class VanillaRNN(nn.Module):
+    """A tanh RNN read out from its last hidden state.
+
+    The recurrent matrix is Gaussian rescaled to spectral radius ``rho``;
+    above 1 back-propagation through time can explode (Pascanu et al., 2013).
+    """
+
+    def __init__(self, n_in: int, n_out: int, hidden: int = 50, rho: float = 1.5) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(n_in, hidden, batch_first=True, nonlinearity="tanh")
+        self.out = nn.Linear(hidden, n_out)
+        with torch.no_grad():
+            w = torch.randn(hidden, hidden) / math.sqrt(hidden)
+            rnn: Any = self.rnn
+            rnn.weight_hh_l0.copy_(w * (rho / torch.linalg.eigvals(w).abs().max()))
+            rnn.weight_ih_l0.normal_(0.0, 0.1)
+            rnn.bias_hh_l0.zero_()
+            rnn.bias_ih_l0.zero_()
+            self.out.weight.normal_(0.0, 0.1)
+            self.out.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Returns the read-out of the last hidden state."""
+        return self.out(self.rnn(x)[0][:, -1])
+
+
+def sample(x: Tensor, y: Tensor, batch: int, gen: torch.Generator,
+           ) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless mini-batches of ``batch`` examples drawn with replacement."""
+    while True:
+        idx = torch.randint(0, x.shape[0], (batch,), generator=gen)
+        yield x[idx], y[idx]
+
+
+def stream(make: Callable[[], tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+    while True:
+        yield make()
+
+
 
 #: Shared hyper-parameters of the recurrent problems (every configuration, every seed).
 HYPER: dict[str, Any] = {"hidden": 50, "rho": 1.5, "lr": 0.1, "batch": 20, "eval": 1000}
@@ -141,18 +225,18 @@ class Task:
         if name == "addition" or name == "rnn":
             length = 100 if name == "rnn" else length
             self.model: nn.Module = VanillaRNN(2, 1, HYPER["hidden"], HYPER["rho"])
-            self.batches = _stream(lambda: addition_data(batch, length, gen))
+            self.batches = stream(lambda: addition_data(batch, length, gen))
             self.eval_data = addition_data(n_eval, length, fresh)
         elif name == "temporal_order":
             self.model = VanillaRNN(6, 4, HYPER["hidden"], HYPER["rho"])
-            self.batches = _stream(lambda: temporal_order_data(batch, length, gen))
+            self.batches = stream(lambda: temporal_order_data(batch, length, gen))
             self.eval_data = temporal_order_data(n_eval, length, fresh)
             self.loss_fn = nn.functional.cross_entropy
             self.wrong = _class_wrong
         elif name == "mlp":
             self.model = deep_mlp()
             x, y = regression_data(4096, gen)
-            self.batches = _sample(x, y, 64, gen)
+            self.batches = sample(x, y, 64, gen)
             self.eval_data = regression_data(2048, fresh)
             self.wrong = _regression_wrong
             self.lr, self.momentum = 0.03, 0.9

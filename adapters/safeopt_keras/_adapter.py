@@ -7,15 +7,16 @@ from typing import Any
 import keras
 import numpy as np
 
-import safeopt
-from safeopt import Policy, PolicyState
+import safeopt.adapter as sa
+from safeopt import Policy
 from safeopt_keras._optimizer import SafeOptimizer
 
 
-class KerasAdapter(safeopt.Adapter):
+class KerasAdapter(sa.Adapter):
     """Wraps Keras 3 optimizers into :class:`SafeOptimizer` (any backend)."""
 
     name = "keras"
+    demo = "safeopt_keras.demo"
 
     def accepts(self, optimizer: Any) -> bool:
         """Keras 3 optimizers (``keras.optimizers.Optimizer``)."""
@@ -29,7 +30,7 @@ class KerasAdapter(safeopt.Adapter):
         """Whether ``obj`` is a :class:`SafeOptimizer`."""
         return isinstance(obj, SafeOptimizer)
 
-    def read(self, obj: Any) -> tuple[Policy, PolicyState, dict[str, Any]]:
+    def read(self, obj: Any) -> tuple[Policy, sa.State, dict[str, Any]]:
         """Reads the policy state from the optimizer's variables (a host read).
 
         Before the first step (optimizer not built) the initial state is returned.
@@ -38,23 +39,24 @@ class KerasAdapter(safeopt.Adapter):
         extra: dict[str, Any] = {"path": f"{backend}-cond", "backend": backend,
                                  "inner": type(obj.inner_optimizer).__name__}
         if not obj.built:
-            state = safeopt.init_state(safeopt.namespace_by_name("numpy"), obj.policy)
+            state = sa.init_state(sa.namespace_by_name("numpy"), obj.policy)
             return obj.policy, state, {**extra, "names": []}
-        values = {f: _to_host(v) for f, v in obj.state_variables()._asdict().items()}
         extra["names"] = [v.path for v in obj._trainable_variables]
         extra["iterations"] = int(_to_host(obj.iterations))
-        return obj.policy, PolicyState(**values), extra
+        return obj.policy, sa.map_state(_to_host, obj.state_variables()), extra
 
 
 def _to_host(variable: Any) -> np.ndarray:
-    """A Keras variable's value as a NumPy array, by each backend's own copy.
+    """A copy of a Keras variable's value as a NumPy array, by each backend's own means.
 
     ``keras.ops.convert_to_numpy(variable)`` goes through ``__array__``
-    without the ``copy`` keyword, which NumPy 2 deprecates.
+    without the ``copy`` keyword, which NumPy 2 deprecates. A copy: on the
+    torch backend ``.numpy()`` shares the variable's memory, which the next
+    step overwrites in place.
     """
     value = variable.value
     if hasattr(value, "detach"):  # torch
-        return np.asarray(value.detach().cpu().numpy())
+        return np.array(value.detach().cpu().numpy())
     if hasattr(value, "numpy"):  # tensorflow
-        return np.asarray(value.numpy())
-    return np.asarray(value)  # jax
+        return np.array(value.numpy())
+    return np.array(value)  # jax

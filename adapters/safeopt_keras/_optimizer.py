@@ -6,13 +6,15 @@ optimizer, forwards ``learning_rate`` and ``iterations`` to it, skips with
 eagerly), implements ``stateless_apply`` for the JAX trainer and nests the
 inner optimizer in ``get_config``.
 
-Every step runs :func:`safeopt.protect` (the core's pipeline: non-finite
-check, penalty, value clip, norm clip, decision) with the backend's own array
-namespace on the backend's own tensors, inside the compiled step, and hands
-the protected gradients to the inner optimizer only when the step is not
-skipped. safeopt's :class:`safeopt.PolicyState` lives in non-trainable
-optimizer variables, one per field, created in :meth:`SafeOptimizer.build`,
-so that ``model.save`` writes it and ``keras.models.load_model`` restores it.
+Every step runs the core's pipeline (``safeopt.adapter.step``: non-finite
+check, penalty, value clip, norm clip, decision) with the default kernels on
+the backend's own array namespace and tensors, inside the compiled step, and
+hands the protected gradients to the inner optimizer only when the step is
+not skipped. Variables without a gradient are left out (no penalty, no share
+of the norm). safeopt's state lives in non-trainable optimizer variables,
+one per field of each feature in use, created in :meth:`SafeOptimizer.build`,
+so that ``model.save`` writes it and ``keras.models.load_model`` restores it
+(``.keras`` files written by safeopt 0.1 load too).
 
 On the TensorFlow backend under a ``tf.distribute`` strategy the wrapper
 all-reduces the gradients itself, decides on the sums (every replica sees the
@@ -25,7 +27,6 @@ gradients before the all-reduce.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -35,7 +36,11 @@ from keras import ops
 from keras.src.utils import tracking
 
 import safeopt
-from safeopt import Policy, PolicyState
+import safeopt.adapter as sa
+from safeopt import Policy
+
+#: Marks the variable layout of this version in a saved optimizer (0.1 had none).
+_LAYOUT_KEY, _LAYOUT = "safeopt_layout", 2
 
 _CLIP_ARGS = {
     "global_clipnorm": lambda v: {"clip_norm": v, "norm_scope": "global"},
@@ -122,35 +127,40 @@ class SafeOptimizer(keras.optimizers.Optimizer):
             self.loss_scale_factor = inner_optimizer.loss_scale_factor
             inner_optimizer.loss_scale_factor = None
         self.policy: Policy = safeopt.load_policy(policy)
-        self._xp = safeopt.namespace_by_name(keras.backend.backend())
+        self._kernels = KerasKernels(sa.namespace_by_name(keras.backend.backend()))
         self._slots: dict[str, int] = {}
+        self._n_base = len(self._variables)  # the base optimizer's own (iterations, lr)
 
     # -- building ---------------------------------------------------------------
     @tracking.no_automatic_dependency_tracking
     def build(self, var_list: Sequence[Any]) -> None:
-        """Builds the inner optimizer and one variable per ``PolicyState`` field."""
+        """Builds the inner optimizer and one variable per field of safeopt's state."""
         if self.built:
             return
         var_list = list(var_list)
-        initial = safeopt.init_state(safeopt.namespace_by_name("numpy"), self.policy,
-                                     n_tensors=len(var_list))
-        for field in PolicyState._fields:
-            value = np.asarray(getattr(initial, field))
-            self._slots[field] = len(self._variables)
+        initial = self._initial_state(len(var_list))
+        for key, value in sa.flatten(initial).items():
+            value = np.asarray(value)
+            self._slots[key] = len(self._variables)
             self.add_variable(shape=value.shape, initializer=value, dtype=str(value.dtype),
-                              aggregation="only_first_replica", name=field)
+                              aggregation="only_first_replica", name=key.replace(".", "_"))
         if not self.inner_optimizer.built:
             self.inner_optimizer.build(var_list)
         super().build(var_list)
+
+    def _initial_state(self, n_tensors: int) -> sa.State:
+        return sa.init_state(sa.namespace_by_name("numpy"), self.policy, n_tensors=n_tensors)
 
     @property
     def variables(self) -> list[Any]:
         """The wrapper's variables (safeopt's state among them), then the inner's."""
         return self._variables + self.inner_optimizer.variables
 
-    def state_variables(self) -> PolicyState:
+    def state_variables(self) -> sa.State:
         """safeopt's state as the Keras variables that hold it."""
-        return PolicyState(**{f: self._variables[i] for f, i in self._slots.items()})
+        return sa.unflatten(self._initial_state(len(self._trainable_variables)),
+                            {key: self._variables[i] for key, i in self._slots.items()},
+                            lambda var, _: var)
 
     # -- forwarding ---------------------------------------------------------------
     @property
@@ -180,52 +190,30 @@ class SafeOptimizer(keras.optimizers.Optimizer):
             full[self._get_variable_index(v)] = g
         return full
 
-    def _protect(self, grads: list[Any], params: list[Any], state: PolicyState,
-                 loss: Any) -> tuple[list[Any], Any, PolicyState]:
-        """Runs the core's pipeline on backend tensors; ``None`` gradients count as zeros."""
-        xp = self._xp
-        present = [g is not None for g in grads]
-        dense = [g if g is not None else ops.zeros_like(p) for g, p in zip(grads, params)]
+    def _protect(self, grads: list[Any], params: list[Any], state: sa.State,
+                 loss: Any) -> tuple[list[Any], Any, sa.State]:
+        """Runs the core's pipeline on the variables that have a gradient."""
+        present = [i for i, g in enumerate(grads) if g is not None]
+        dense = [grads[i] for i in present]
         if self.loss_scale_factor is not None:
             dense = [g / self.loss_scale_factor for g in dense]
-        policy = self.policy
-        new_grads, decision, new_state = safeopt.protect(
-            xp, policy, state, dense, params if policy.needs_params else None,
-            loss=loss, unit_axis=-1,
-        )
-        new_state = self._monitor_weight_norm(state, new_state, decision, params)
-        out = [g if keep else None for g, keep in zip(new_grads, present)]
-        return out, decision, new_state
+        out = sa.step(self._kernels, self.policy, state, dense, [params[i] for i in present],
+                      loss, positions=present, n_tensors=len(params))
+        new_grads: list[Any] = [None] * len(grads)
+        for i, g in zip(present, out.grads):
+            new_grads[i] = g
+        return new_grads, out.decision, out.state
 
-    def _monitor_weight_norm(self, state: PolicyState, new_state: PolicyState,
-                             decision: Any, params: list[Any]) -> PolicyState:
-        """Records the global weight norm every ``monitor_every`` steps (a cond).
-
-        The adaptive penalty reads it every step already (``protect`` then
-        computes it itself); otherwise it is gathered only on monitor steps,
-        so that other steps do not read the weights once more.
-        """
-        every = self.policy.monitor_every
-        if self.policy.needs_weight_norm or every <= 0:
-            return new_state
-        xp = self._xp
-        # On the count of applied steps, so that a skipped step moves nothing.
-        due = ops.equal(ops.mod(state.steps, every), 0)
-        nan = ops.convert_to_tensor(math.nan, "float32")
-        wnorm = ops.cond(due, lambda: safeopt.global_norm(xp, params), lambda: nan)
-        take = xp.logical_and(due, xp.logical_not(decision.skip))
-        return new_state._replace(
-            last_weight_norm=xp.where(take, wnorm, new_state.last_weight_norm))
-
-    def _assign_state(self, old: PolicyState, new: PolicyState) -> None:
+    def _assign_state(self, old: sa.State, new: sa.State) -> None:
         """Writes the fields the step changed (untouched fields keep their identity)."""
-        for field, var in zip(PolicyState._fields, self.state_variables()):
-            value = getattr(new, field)
-            if value is not getattr(old, field):
-                var.assign(value)
+        variables = sa.flatten(self.state_variables())
+        before = sa.flatten(old)
+        for key, value in sa.flatten(new).items():
+            if value is not before[key]:
+                variables[key].assign(value)
 
-    def _read_state(self) -> PolicyState:
-        return PolicyState(*(ops.convert_to_tensor(v) for v in self.state_variables()))
+    def _read_state(self) -> sa.State:
+        return sa.map_state(ops.convert_to_tensor, self.state_variables())
 
     # -- stateful apply (TensorFlow, torch, eager JAX) ---------------------------
     def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None,
@@ -283,7 +271,7 @@ class SafeOptimizer(keras.optimizers.Optimizer):
         limit = self.policy.max_consecutive_skips
         if limit is None:
             return
-        streak = self.state_variables().consecutive_skips
+        streak = self.state_variables().counters.consecutive_skips
         if int(ops.convert_to_numpy(streak)) >= limit:
             safeopt.check(self)
 
@@ -349,10 +337,11 @@ class SafeOptimizer(keras.optimizers.Optimizer):
         own = [_value(v) for v in optimizer_variables[:n_own]]
         inner_values = [_value(v) for v in optimizer_variables[n_own:]]
         params = [_value(v) for v in trainable_variables]
-        state = PolicyState(**{f: own[i] for f, i in self._slots.items()})
+        state = sa.unflatten(self._initial_state(len(params)),
+                             {key: own[i] for key, i in self._slots.items()}, lambda v, _: v)
         new_grads, decision, new_state = self._protect(list(grads), params, state, loss)
-        for field, i in self._slots.items():
-            own[i] = getattr(new_state, field)
+        for key, value in sa.flatten(new_state).items():
+            own[self._slots[key]] = value
 
         def step() -> tuple[list[Any], list[Any]]:
             new_params, new_inner = self.inner_optimizer.stateless_apply(
@@ -372,6 +361,31 @@ class SafeOptimizer(keras.optimizers.Optimizer):
             var.assign(value)
 
     # -- saving ---------------------------------------------------------------------
+    def save_own_variables(self, store: Any) -> None:
+        """Saves the variables, marked with this version's layout."""
+        super().save_own_variables(store)
+        store[_LAYOUT_KEY] = np.int32(_LAYOUT)
+
+    def load_own_variables(self, store: Any) -> None:
+        """Loads saved variables, from this version's layout or safeopt 0.1's."""
+        if _LAYOUT_KEY in store:
+            for i, variable in enumerate(self.variables):
+                variable.assign(store[str(i)])
+            return
+        legacy = {name: np.asarray(store[str(self._n_base + i)])
+                  for i, name in enumerate(sa.FIELDS_0_1)}
+        for i in range(self._n_base):
+            self._variables[i].assign(store[str(i)])
+        current = {key: np.asarray(ops.convert_to_numpy(self._variables[i]))
+                   for key, i in self._slots.items()}
+        template = sa.unflatten(self._initial_state(len(self._trainable_variables)), current)
+        restored = sa.flatten(sa.unflatten(template, sa.upgrade(legacy)))
+        for key, i in self._slots.items():
+            self._variables[i].assign(restored[key])
+        offset = self._n_base + len(sa.FIELDS_0_1)
+        for j, variable in enumerate(self.inner_optimizer.variables):
+            variable.assign(store[str(offset + j)])
+
     def get_config(self) -> dict[str, Any]:
         """The wrapper's config, with the inner optimizer nested."""
         return {
@@ -411,3 +425,13 @@ def _value(x: Any) -> Any:
 
 def _identity(grads_and_vars: Any) -> Any:
     return grads_and_vars
+
+
+class KerasKernels(sa.Kernels):
+    """The core's default kernels on the backend's namespace, with ``ops.cond``."""
+
+    def when(self, pred: Any, compute: Any, otherwise: float) -> Any:
+        if isinstance(pred, bool):
+            return super().when(pred, compute, otherwise)
+        fallback = ops.convert_to_tensor(otherwise, "float32")
+        return ops.cond(pred, compute, lambda: fallback)

@@ -17,7 +17,7 @@ from typing import Any
 import keras
 
 import safeopt
-from safeopt import _telemetry
+import safeopt.adapter as sa
 from safeopt_keras._optimizer import SafeOptimizer
 
 
@@ -41,12 +41,12 @@ class SafeoptTelemetry(keras.callbacks.Callback):
 
     def __init__(self, log_every: int | None = None, check: bool = True) -> None:
         super().__init__()
-        self.log_every = _telemetry.checked_log_every(log_every)
+        self.log_every = sa.checked_log_every(log_every)
         self.check = check
         self.step = 0
 
     def _policy(self, optimizer: Any) -> safeopt.Policy:
-        return _telemetry.with_log_every(optimizer.policy, self.log_every)
+        return sa.with_log_every(optimizer.policy, self.log_every)
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         """Counts the batch and records when a ``log_every`` boundary was crossed."""
@@ -63,7 +63,7 @@ class SafeoptTelemetry(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         host_loss = float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) \
             else None
-        _telemetry.after_step(optimizer, (self.step // every) * every, policy,
+        sa.after_step(optimizer, (self.step // every) * every, policy,
                               loss=host_loss, check=self.check)
 
 

@@ -9,7 +9,8 @@ computation: no host callback, no Python branch on array values.
 How it fits together:
 
 * **State.** :class:`SafeState` is a ``NamedTuple`` of safeopt's own
-  :class:`safeopt.PolicyState` (``safe``), the inner transformation's state
+  state (``safe``: one small ``NamedTuple`` per feature, empty for the
+  features the policy does not use), the inner transformation's state
   (``inner``) and a :class:`SafeInfo` (``info``). ``SafeInfo`` holds the
   policy and the parameter names (``jax.tree_util.keystr`` of each leaf
   path, taken at ``init``); it is registered with ``jax.tree_util.register_static``,
@@ -19,7 +20,8 @@ How it fits together:
   names from the state alone. A checkpoint holds only the leaves; restore it
   onto the structure of ``tx.init(params)`` (orbax, ``flax.serialization``
   with a target, or ``jax.tree.unflatten``), the static part then comes from
-  the code, as the transformation itself does.
+  the code, as the transformation itself does. A state saved by safeopt 0.1
+  loads through :func:`upgrade_state_dict`.
 * **A skipped update never happened.** The updates returned are zeros, the
   inner state is the one passed in, bit for bit, and only safeopt's skip
   counters move. Unlike ``optax.apply_if_finite`` there is no limit after
@@ -28,8 +30,9 @@ How it fits together:
   state value is defined (see :func:`skip_select`): that keeps XLA's
   in-place, donated update free of copies, so the protected step costs one
   extra read of the gradients (the norm) over the bare one.
-* **Clipping** multiplies the gradients by the norm-clip scale as the inner
-  update reads them (the multiply fuses into the inner update's loops; no
+* **The step** is the core's pipeline (``safeopt.adapter.step``) with
+  :class:`JaxKernels`; clipping multiplies the gradients by the norm-clip
+  scale as the inner update reads them (the multiply fuses into the inner update's loops; no
   clipped copy of the gradients is written).
 * **Divergence.** Code under ``jax.jit`` cannot raise, so the counter
   ``consecutive_skips`` in the state is the flag: call
@@ -39,14 +42,14 @@ How it fits together:
   runs un-jitted on concrete arrays it raises right away, at the step that
   reaches the limit.
 * **Monitoring.** The per-tensor raw gradient norms come with the global norm
-  for free (``GradStats.tensor_norms``); ``names`` are the ``keystr`` of the
-  leaf paths of the tree given to ``init`` (a ``flax.nnx`` Variable's
-  trailing ``.value`` dropped), kept in :class:`SafeInfo`. The global weight
-  norm (one more read of the parameters) is gathered only on every
-  ``policy.monitor_every``-th update, chosen on the device with ``lax.cond``
-  on the state's own counters (under ``jax.vmap`` a ``cond`` becomes a
-  select, so batched models pay for it on every step), and on every step
-  when the policy needs it (``penalty_when="weights_above"``).
+  for free; ``names`` are the ``keystr`` of the leaf paths of the tree given
+  to ``init`` (a ``flax.nnx`` Variable's trailing ``.value`` dropped), kept
+  in :class:`SafeInfo`. The global weight norm (one more read of the
+  parameters) is gathered on every ``policy.monitor_every``-th update
+  (counting skipped ones, as every adapter does), chosen on the device with
+  ``lax.cond`` on the state's own counters (under ``jax.vmap`` a ``cond``
+  becomes a select, so batched models pay for it on every step), and on
+  every step when the policy needs it (``penalty_when="weights_above"``).
 
 Composition: wrap *outside* ``optax.MultiSteps``
 (``safeopt.wrap(optax.MultiSteps(tx, k), policy)``) so that every mini-batch
@@ -64,10 +67,8 @@ parameters; for 3-d parameters optax reduces over axis 0 only.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import warnings
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -77,12 +78,11 @@ import numpy as np
 import optax
 
 import safeopt
-from safeopt import Policy, PolicyState, init_state, protect
-from safeopt._decide import global_norm
-from safeopt._xp import Namespace, namespace_by_name
+import safeopt.adapter as sa
+from safeopt import Policy
 
-__all__ = ["OptaxAdapter", "SafeInfo", "SafeState", "SafeTransformation", "find_state",
-           "safe_transform"]
+__all__ = ["JaxKernels", "OptaxAdapter", "SafeInfo", "SafeState", "SafeTransformation",
+           "find_state", "safe_transform", "upgrade_state_dict"]
 
 _PATH = "jit"
 
@@ -116,14 +116,23 @@ class SafeState(NamedTuple):
     """State of a safeopt-wrapped Optax transformation.
 
     Attributes:
-      safe: safeopt's counters and statistics (:class:`safeopt.PolicyState`).
+      safe: safeopt's state (``safeopt.adapter.State``: one part per feature).
       inner: The inner transformation's state.
       info: Policy and parameter names; static (no leaves).
     """
 
-    safe: PolicyState
+    safe: sa.State
     inner: optax.OptState
     info: SafeInfo
+
+
+class JaxKernels(sa.Kernels):
+    """The core's default kernels on ``jax.numpy``, with ``lax.cond`` for the monitor."""
+
+    def when(self, pred: Any, compute: Any, otherwise: float) -> Any:
+        if isinstance(pred, bool):
+            return super().when(pred, compute, otherwise)
+        return jax.lax.cond(pred, compute, lambda: jnp.asarray(otherwise, jnp.float32))
 
 
 def safe_transform(inner: Any, policy: safeopt.PolicyLike = None,
@@ -153,13 +162,13 @@ def safe_transform(inner: Any, policy: safeopt.PolicyLike = None,
     """
     resolved = safeopt.load_policy(policy)
     tx = optax.with_extra_args_support(_as_transformation(inner))
-    xp = namespace_by_name("jax")
+    kernels = JaxKernels(sa.namespace_by_name("jax"))
 
     def init_fn(params: optax.Params) -> SafeState:
         _register_flax_serialization()
         paths = jax.tree_util.tree_flatten_with_path(params)[0]
         names = tuple(_leaf_name(path) for path, _ in paths)
-        safe = init_state(xp, resolved, n_tensors=len(names))
+        safe = sa.init_state(kernels.xp, resolved, n_tensors=len(names))
         state = SafeState(safe=safe, inner=tx.init(params), info=SafeInfo(resolved, names))
         return _replicate_like(state, params)
 
@@ -170,19 +179,18 @@ def safe_transform(inner: Any, policy: safeopt.PolicyLike = None,
         grads, treedef = _flatten(updates)
         weights = None if params is None else treedef.flatten_up_to(params)
         loss = None if value is None else jnp.asarray(value)
-        new_grads, decision, safe = protect(xp, resolved, state.safe, grads, weights, loss=loss,
-                                            unit_axis=-1)
-        safe, skip = _monitor(xp, resolved, state.safe, safe, decision.skip, weights)
+        out = sa.step(kernels, resolved, state.safe, grads, weights, loss)
+        skip = _ordered_skip(out)
         if value is not None:
             extra_args["value"] = value
 
         def apply() -> tuple[optax.Updates, optax.OptState]:
-            return tx.update(treedef.unflatten(new_grads), state.inner, params, **extra_args)
+            return tx.update(treedef.unflatten(out.grads), state.inner, params, **extra_args)
 
-        out, kept = skip_select(skip, apply, state.inner)
-        new_state = SafeState(safe=safe, inner=kept, info=state.info)
+        new_updates, kept = skip_select(skip, apply, state.inner)
+        new_state = SafeState(safe=out.state, inner=kept, info=state.info)
         _raise_if_concrete_divergence(resolved, new_state)
-        return out, new_state
+        return new_updates, new_state
 
     return SafeTransformation(init_fn, update_fn)
 
@@ -349,31 +357,23 @@ def _check_params(policy: Policy, params: Any) -> None:
         )
 
 
-def _monitor(xp: Namespace, policy: Policy, old: PolicyState, new: PolicyState, skip: jax.Array,
-             weights: Sequence[jax.Array] | None) -> tuple[PolicyState, jax.Array]:
-    """Gathers the global weight norm on monitor steps (a ``lax.cond``, no host counter).
+def _ordered_skip(out: sa.Step) -> jax.Array:
+    """The skip flag, made to depend on the monitor's weight-norm ``cond``.
 
-    ``protect`` already gathered it when the policy needs it on every step.
-
-    Returns:
-      ``(state, skip)``. ``skip`` has the same value as the one given, but now
-      depends on the ``cond``: without that order XLA cannot tell that the
-      ``cond`` reads the parameters before the (donated, in-place) parameter
-      update overwrites them, and copies every parameter first.
+    The value is the decision's, but without that order XLA cannot tell that
+    the ``cond`` reads the parameters before the (donated, in-place)
+    parameter update overwrites them, and copies every parameter first.
     """
-    if weights is None or policy.needs_weight_norm or policy.monitor_every <= 0:
-        return new, skip
-    due = (old.steps + old.skips) % policy.monitor_every == 0
-    norm = jax.lax.cond(due, lambda w: global_norm(xp, w),
-                        lambda w: jnp.asarray(math.nan, jnp.float32), list(weights))
-    take = jnp.logical_and(due, jnp.logical_not(skip))
-    state = new._replace(last_weight_norm=jnp.where(take, norm, new.last_weight_norm))
-    return state, jnp.logical_or(skip, norm < 0.0)  # a norm is never < 0 (NaN < 0 is False)
+    wnorm = out.stats.weight_norm
+    skip = out.decision.skip
+    if wnorm is None or isinstance(out.stats.weight_due, bool):
+        return skip
+    return jnp.logical_or(skip, wnorm < 0.0)  # a norm is never < 0 (NaN < 0 is False)
 
 
 def _raise_if_concrete_divergence(policy: Policy, state: SafeState) -> None:
     """Raises :class:`safeopt.DivergenceError` when ``update`` ran un-jitted."""
-    streak = state.safe.consecutive_skips
+    streak = state.safe.counters.consecutive_skips
     limit = policy.max_consecutive_skips
     if limit is None or isinstance(streak, jax.core.Tracer):
         return
@@ -423,10 +423,11 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-class OptaxAdapter(safeopt.Adapter):
+class OptaxAdapter(sa.Adapter):
     """The safeopt adapter for Optax gradient transformations."""
 
     name = "optax"
+    demo = "safeopt_optax.demo"
 
     def accepts(self, optimizer: Any) -> bool:
         """Optax ``GradientTransformation`` instances and ``optax.MultiSteps``."""
@@ -440,7 +441,7 @@ class OptaxAdapter(safeopt.Adapter):
         """Whether ``obj`` is a wrapped transformation, or is (or holds one) :class:`SafeState`."""
         return isinstance(obj, SafeTransformation) or find_state(obj) is not None
 
-    def read(self, obj: Any) -> tuple[Policy, PolicyState, dict[str, Any]]:
+    def read(self, obj: Any) -> tuple[Policy, sa.State, dict[str, Any]]:
         """Copies safeopt's state to NumPy (one host transfer).
 
         ``extra["names"]`` are the parameter leaf paths recorded at ``init``.
@@ -456,12 +457,37 @@ class OptaxAdapter(safeopt.Adapter):
                 "transformations are stateless): call safeopt.stats(opt_state). "
                 f"Received: obj={type(obj).__qualname__}"
             )
-        host = PolicyState(*(_to_numpy(x) for x in state.safe))
-        if host.steps.ndim != 0:
+        host = sa.map_state(_to_numpy, state.safe)
+        if host.counters.steps.ndim != 0:
             raise ValueError(
                 "`state` must hold one model's safeopt state; this one is batched "
-                f"(shape {host.steps.shape}, e.g. from jax.vmap). Read one model with "
+                f"(shape {host.counters.steps.shape}, e.g. from jax.vmap). Read one model with "
                 "jax.tree.map(lambda x: x[i], state). Received: a batched SafeState"
             )
         extra = {"path": _PATH, "names": list(state.info.names)}
         return state.info.policy, host, extra
+
+
+def upgrade_state_dict(saved: Any, target: SafeState) -> SafeState:
+    """``target`` with the values of a saved state, including one saved by safeopt 0.1.
+
+    Args:
+      saved: The saved :class:`SafeState` as a state dict (what
+        ``flax.serialization.to_state_dict`` or ``msgpack_restore`` gives:
+        ``{"safe": ..., "inner": ..., "info": ...}``).
+      target: ``tx.init(params)`` of the same transformation and parameters.
+
+    Returns:
+      The restored state. safeopt's part is read from either layout; the
+      inner state is restored onto ``target.inner`` with
+      ``flax.serialization.from_state_dict`` (flax must be installed).
+    """
+    from flax import serialization
+
+    safe = dict(saved["safe"])
+    flat = sa.upgrade(safe) if sa.is_legacy(safe) else {
+        f"{feature}.{field}": value for feature, part in safe.items()
+        for field, value in dict(part).items()}
+    restored = sa.unflatten(target.safe, flat, lambda v, cur: jnp.asarray(v, cur.dtype))
+    inner = serialization.from_state_dict(target.inner, saved["inner"])
+    return SafeState(safe=restored, inner=inner, info=target.info)

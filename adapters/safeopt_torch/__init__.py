@@ -9,7 +9,7 @@ synchronisation. Every other optimizer takes the ``"foreach"`` path: one host
 synchronisation per step, for the skip. ``safeopt.stats(opt)["path"]`` says
 which one a run gets. On CPU, where the device is the host, the decision is
 taken on the host and applied by branching (``stats(opt)["decisions"] ==
-"host"``); see :mod:`safeopt_torch._optimizer`.
+"host"``); see :mod:`safeopt_torch._runner`.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ from typing import Any
 
 import torch
 
-import safeopt
-from safeopt import Policy, PolicyState
+import safeopt.adapter as sa
+from safeopt import Policy
 from safeopt_torch._optimizer import SafeOptimizer
 
 
-class TorchAdapter(safeopt.Adapter):
+class TorchAdapter(sa.Adapter):
     """Registers ``torch.optim.Optimizer`` with safeopt (entry point ``torch``)."""
 
     name = "torch"
+    demo = "safeopt_torch.demo"
 
     def accepts(self, optimizer: Any) -> bool:
         """Any ``torch.optim.Optimizer`` that safeopt has not wrapped already."""
@@ -41,7 +42,7 @@ class TorchAdapter(safeopt.Adapter):
         """Whether ``obj`` is a :class:`SafeOptimizer`."""
         return isinstance(obj, SafeOptimizer)
 
-    def read(self, obj: Any) -> tuple[Policy, PolicyState, dict[str, Any]]:
+    def read(self, obj: Any) -> tuple[Policy, sa.State, dict[str, Any]]:
         """``(policy, state as NumPy arrays, extra)``; ``extra`` has ``path`` and ``names``."""
         assert isinstance(obj, SafeOptimizer)
         return obj.read()

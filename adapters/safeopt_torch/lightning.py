@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from safeopt import Policy, _telemetry
+import safeopt.adapter as sa
+from safeopt import Policy
 from safeopt_torch._optimizer import SafeOptimizer
 
 try:  # pragma: no cover - depends on the environment
@@ -47,7 +48,7 @@ class SafeoptLightningCallback(_Base):
 
     def __init__(self, log_every: int | None = None, check: bool = True) -> None:
         super().__init__()
-        self.log_every = _telemetry.checked_log_every(log_every)
+        self.log_every = sa.checked_log_every(log_every)
         self.check = check
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
@@ -56,13 +57,13 @@ class SafeoptLightningCallback(_Base):
         step = int(trainer.global_step)
         for optimizer in _safe_optimizers(trainer):
             policy = self._policy(optimizer.policy)
-            if not _telemetry.due(policy, step):
+            if not sa.telemetry_due(policy, step):
                 continue
-            _telemetry.after_step(optimizer, step, policy, loss=_host_loss(outputs),
+            sa.after_step(optimizer, step, policy, loss=_host_loss(outputs),
                                   check=self.check)
 
     def _policy(self, policy: Policy) -> Policy:
-        return _telemetry.with_log_every(policy, self.log_every)
+        return sa.with_log_every(policy, self.log_every)
 
 
 def _safe_optimizers(trainer: Any) -> list[SafeOptimizer]:

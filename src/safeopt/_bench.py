@@ -32,8 +32,12 @@ def add_demo_parser(sub: Any) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from safeopt._demo import run_demo
-
+    try:
+        run_demo = importlib.import_module("safeopt_bench.demo").run_demo
+    except ImportError as err:
+        print(f"safeopt demo: the benchmarks package is not installed ({err}); install "
+              "safeopt from its source tree (pip install .).")
+        return 2
     try:
         run_demo(args.framework, args.out, steps=args.steps, seed=args.seed,
                  report=not args.no_report)

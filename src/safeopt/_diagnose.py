@@ -1,8 +1,8 @@
 """Diagnosis of exploding gradients from the statistics kept on the device.
 
-Every step, :func:`safeopt.decide` updates, branch-free and on the device,
-the statistics behind five signs of exploding gradients (see
-:data:`safeopt._decide.SIGNS`):
+Every update, the monitor (:mod:`safeopt._features.monitor`) updates,
+branch-free and on the device, the statistics behind five signs of exploding
+gradients (see :data:`~safeopt._features.monitor.SIGNS`):
 
 * (a) ``nonfinite``: the loss or the gradients went NaN/Inf;
 * (b) ``loss_unstable``: large changes of the loss from update to update
@@ -34,21 +34,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from safeopt._decide import (
-    LAYER_OVER_FRAC,
+from safeopt._features.base import Empty
+from safeopt._features.monitor import LAYER_OVER_FRAC, SIGNS
+from safeopt._features.monitor_loss import (
     LOSS_OUTLIER_FRAC,
     LOSS_PROGRESS,
     LOSS_Z,
-    SIGNS,
     TRACTION_FRACTION,
-    PolicyState,
 )
 from safeopt._policy import Policy
+from safeopt._registry import read_state
+from safeopt._remedies import Remedy, remedies_for
+from safeopt._state import State
 
 _LETTERS = dict(zip(SIGNS, "abcde"))
 _TITLES = {
@@ -58,8 +61,6 @@ _TITLES = {
     "layer_norms": "per-layer gradient norms consistently above 1.0",
     "no_traction": "the loss is not getting traction",
 }
-_RECURRENT = ("rnn", "recurrent", "weight_hh", "hh_", "lstm", "gru", "cell")
-_GATED = ("lstm", "gru")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,15 +111,6 @@ class Layer:
 
 
 @dataclasses.dataclass(frozen=True)
-class Remedy:
-    """A change to try, with the safeopt config that makes it when there is one."""
-
-    key: str
-    text: str
-    config: dict[str, Any] | None = None
-
-
-@dataclasses.dataclass(frozen=True)
 class Diagnosis:
     """What the monitor says about a run: signs, hot layers, remedies.
 
@@ -158,7 +150,7 @@ class Diagnosis:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (see :meth:`from_dict`)."""
-        return _jsonable(dataclasses.asdict(self))
+        return jsonable(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Diagnosis:
@@ -197,35 +189,35 @@ def diagnose(obj: Any) -> Diagnosis:
       >>> print(safeopt.diagnose(opt))  # doctest: +SKIP
       safeopt diagnosis after 0 updates (0 applied, 0 skipped): no sign of exploding gradients.
     """
-    from safeopt._registry import read_state
-
     policy, state, extra = read_state(obj)
     return diagnose_state(policy, state, extra.get("names"))
 
 
-def diagnose_state(policy: Policy, state: PolicyState,
+def diagnose_state(policy: Policy, state: State,
                    names: Sequence[str] | None = None) -> Diagnosis:
     """Diagnoses a run from a host copy of its state (pure; NumPy arrays or numbers).
 
     Args:
       policy: The policy the run used.
-      state: The :class:`PolicyState`, fields convertible by ``numpy.asarray``.
+      state: The :class:`~safeopt._state.State`, fields convertible by ``numpy.asarray``.
       names: Parameter names in tensor order; ``param{i}`` when missing.
 
     Returns:
       The :class:`Diagnosis`.
 
     Example:
-      >>> import numpy as np, safeopt
+      >>> import safeopt, safeopt.adapter as sa
       >>> policy = safeopt.Policy()
-      >>> state = safeopt.init_state(safeopt.namespace_by_name("numpy"), policy, n_tensors=1)
-      >>> safeopt.diagnose_state(policy, state, ["w"]).signs
+      >>> state = sa.init_state(sa.namespace_by_name("numpy"), policy, n_tensors=1)
+      >>> sa.diagnose_state(policy, state, ["w"]).signs
       ()
     """
     st = _HostState(state)
     updates = st.int("steps") + st.int("skips")
-    n_layers = st.array("layer_norm_ema").shape[0]
-    names = _names(names, n_layers)
+    if not st.monitored:
+        return Diagnosis(updates=updates, applied=st.int("steps"), skipped=st.int("skips"),
+                         window=policy.monitor_window)
+    names = layer_names(names, st.array("layer_norm_ema").shape[0])
     signs = tuple(s for s in (_sign(policy, st, key, updates, names) for key in SIGNS)
                   if s is not None)
     layers = _hot_layers(st, names)
@@ -240,11 +232,16 @@ def diagnose_state(policy: Policy, state: PolicyState,
 # Reading the state.
 # ---------------------------------------------------------------------------
 class _HostState:
-    def __init__(self, state: PolicyState) -> None:
-        self._state = state
+    """Reads the counters' and the monitor's fields by name."""
+
+    def __init__(self, state: State) -> None:
+        self._counters = state.counters
+        self._monitor = state.monitor
+        self.monitored = not isinstance(state.monitor, Empty)
 
     def array(self, name: str) -> np.ndarray:
-        return np.asarray(getattr(self._state, name))
+        part = self._counters if name in self._counters._fields else self._monitor
+        return np.asarray(getattr(part, name))
 
     def int(self, name: str) -> int:
         return int(self.array(name))
@@ -253,10 +250,23 @@ class _HostState:
         return float(self.array(name))
 
 
-def _names(names: Sequence[str] | None, n: int) -> list[str]:
-    if names is not None and len(names) == n:
-        return [str(x) for x in names]
-    return [f"param{i}" for i in range(n)]
+def layer_names(names: Sequence[str] | None, n: int) -> list[str]:
+    """Readable parameter names for ``n`` tensors (``param{i}`` when unknown).
+
+    JAX key paths read as folders: ``"['dense00']['kernel']"`` becomes
+    ``"dense00/kernel"``, ``".layers[0].weight"`` becomes ``"layers/0/weight"``.
+    """
+    if names is None or len(names) != n:
+        return [f"param{i}" for i in range(n)]
+    return [_readable(str(x)) for x in names]
+
+
+def _readable(name: str) -> str:
+    if not name or name[0] not in "[.":
+        return name
+    parts = re.findall(r"\['([^']*)'\]|\[\"([^\"]*)\"\]|\[(\d+)\]|\.(\w+)", name)
+    words = ["".join(p) for p in parts]
+    return "/".join(words) if words else name
 
 
 def _hot_layers(st: _HostState, names: list[str]) -> tuple[Layer, ...]:
@@ -355,86 +365,6 @@ _EVIDENCE = {
 
 
 # ---------------------------------------------------------------------------
-# Remedies.
-# ---------------------------------------------------------------------------
-def remedies_for(policy: Policy, signs: Sequence[Sign],
-                 names: Sequence[str] = ()) -> list[Remedy]:
-    """The remedies that fit ``signs``, in the order a practitioner tries them.
-
-    Clip by norm, clip by value, a weight penalty, a smaller batch, fewer
-    layers, ReLU instead of sigmoid/tanh, and for recurrent models LSTM/GRU
-    units or truncated backpropagation through time. Remedies the policy
-    already applies are phrased as "harder".
-    """
-    keys = {s.key for s in signs}
-    if not keys:
-        return []
-    exploding = bool(keys & {"nonfinite", "loss_unstable", "weight_growth", "layer_norms"})
-    out: list[Remedy] = []
-    if exploding:
-        out.append(_norm_remedy(policy))
-        out.append(_value_remedy(policy))
-    if keys & {"weight_growth", "nonfinite"} or (exploding and not policy.has_penalty):
-        out.append(_penalty_remedy(policy))
-    out.append(Remedy("smaller_batch", "Train with a smaller batch (more, noisier updates of "
-                      "smaller size) and, with it, a lower learning rate."))
-    if keys & {"layer_norms", "nonfinite", "no_traction"}:
-        out.append(Remedy("fewer_layers", "Use fewer layers: every layer multiplies the "
-                          "gradient on its way back, so a shallower model explodes less."))
-        out.append(Remedy("relu", "Use ReLU (or GELU) activations instead of sigmoid/tanh, "
-                          "with He initialisation, or add normalisation layers."))
-    recurrent = _recurrent_remedy(names)
-    if recurrent is not None:
-        out.append(recurrent)
-    return out
-
-
-def _norm_remedy(policy: Policy) -> Remedy:
-    if policy.clip_norm is None:
-        return Remedy("clip_norm", "Clip gradients by norm: safeopt.wrap(opt, "
-                      "{'clip_norm': 1.0}), or {'adaptive': 'zscore'} to derive the threshold "
-                      "from the run's own gradient norms (ZClip).", {"clip_norm": 1.0})
-    if policy.adaptive is None:
-        return Remedy("clip_norm", f"Clip by norm harder: lower clip_norm (now "
-                      f"{policy.clip_norm:g}) or add adaptive='zscore' (ZClip).",
-                      {"clip_norm": policy.clip_norm / 2, "adaptive": "zscore"})
-    return Remedy("clip_norm", f"Clip by norm harder: lower clip_norm (now "
-                  f"{policy.clip_norm:g}), the cap of the adaptive threshold.",
-                  {"clip_norm": policy.clip_norm / 2})
-
-
-def _value_remedy(policy: Policy) -> Remedy:
-    if policy.clip_value is None:
-        return Remedy("clip_value", "Clip gradients by value: {'clip_value': 0.5} bounds "
-                      "every element (after the penalty, before the norm clip).",
-                      {"clip_value": 0.5})
-    return Remedy("clip_value", f"Clip by value harder: lower clip_value (now "
-                  f"{policy.clip_value:g}).", {"clip_value": policy.clip_value / 2})
-
-
-def _penalty_remedy(policy: Policy) -> Remedy:
-    if not policy.has_penalty:
-        return Remedy("penalty", "Add a weight penalty: {'l2': 1e-4} (or {'l2': 1e-4, "
-                      "'penalty_when': 'weights_above', 'weight_growth_max': 0.01} to apply "
-                      "it only while the weights grow fast).", {"l2": 1e-4})
-    return Remedy("penalty", f"Raise the weight penalty (now l1={policy.l1:g}, "
-                  f"l2={policy.l2:g}).", {"l2": max(policy.l2 * 10, 1e-4)})
-
-
-def _recurrent_remedy(names: Sequence[str]) -> Remedy | None:
-    lowered = [n.lower() for n in names]
-    if not any(tag in n for n in lowered for tag in _RECURRENT):
-        return None
-    if any(tag in n for n in lowered for tag in _GATED):
-        return Remedy("truncated_bptt", "Recurrent model: truncate backpropagation through "
-                      "time (backpropagate through fewer steps, e.g. detach the hidden state "
-                      "every k steps).")
-    return Remedy("gated_rnn", "Recurrent model: use LSTM or GRU units instead of a vanilla "
-                  "RNN, or truncate backpropagation through time (fewer steps per backward "
-                  "pass).")
-
-
-# ---------------------------------------------------------------------------
 # Text.
 # ---------------------------------------------------------------------------
 def _lines(d: Diagnosis) -> list[str]:
@@ -462,11 +392,11 @@ def _lines(d: Diagnosis) -> list[str]:
     return lines
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (np.floating, float)):
         f = float(value)
         return f if math.isfinite(f) else None

@@ -12,15 +12,14 @@ received and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
 
 from safeopt._errors import PolicyError
+from safeopt._specs import SPECS, check_combinations, did_you_mean, reject_unknown
 
 NormScope = Literal["global", "per_tensor", "unitwise"]
 Adaptive = Literal["zscore", "percentile"]
@@ -28,10 +27,6 @@ SpikeOn = Literal["loss", "grad_norm"]
 PenaltyWhen = Literal["always", "weights_above"]
 
 ENV_VAR = "SAFEOPT_CONFIG"
-_NORM_SCOPES = ("global", "per_tensor", "unitwise")
-_ADAPTIVE = ("zscore", "percentile")
-_SPIKE_ON = ("loss", "grad_norm")
-_PENALTY_WHEN = ("always", "weights_above")
 _FILE_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
 
 
@@ -43,7 +38,7 @@ class _ValidatingMeta(type):
             raise PolicyError(
                 f"Policy takes keyword arguments only. Received: {len(args)} positional"
             )
-        _reject_unknown(kwargs)
+        reject_unknown(kwargs)
         return super().__call__(**kwargs)
 
 
@@ -147,10 +142,10 @@ class Policy(metaclass=_ValidatingMeta):
     monitor_window: int = 50
 
     def __post_init__(self) -> None:
-        for spec in _SPECS:
+        for spec in SPECS:
             value = spec.check(getattr(self, spec.key))
             object.__setattr__(self, spec.key, value)
-        _check_combinations(self)
+        check_combinations(self)
 
     # -- derived properties -------------------------------------------------
     @property
@@ -184,7 +179,7 @@ class Policy(metaclass=_ValidatingMeta):
 
     def replace(self, **changes: Any) -> Policy:
         """Returns a copy with ``changes`` applied (and validated)."""
-        _reject_unknown(changes)
+        reject_unknown(changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -205,7 +200,7 @@ class Policy(metaclass=_ValidatingMeta):
                 f"Received: {type(mapping).__name__}"
             )
         table = _unwrap_table(mapping)
-        _reject_unknown(table)
+        reject_unknown(table)
         return cls(**table)
 
     @classmethod
@@ -227,7 +222,7 @@ class Policy(metaclass=_ValidatingMeta):
         if name not in PRESETS:
             raise PolicyError(
                 f"`preset` must be one of {sorted(PRESETS)}"
-                f"{_did_you_mean(name, PRESETS)}. Received: preset={name!r}"
+                f"{did_you_mean(name, PRESETS)}. Received: preset={name!r}"
             )
         return cls.from_mapping(PRESETS[name])
 
@@ -294,172 +289,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ---------------------------------------------------------------------------
-# Field specifications: one validator per key.
-# ---------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    key: str
-    kind: str  # "float", "int", "bool", "choice", "str"
-    allowed: str
-    optional: bool = False
-    false_is_none: bool = False
-    low: float | None = None
-    low_inclusive: bool = True
-    high: float | None = None
-    high_inclusive: bool = True
-    choices: tuple[str, ...] = ()
-
-    def check(self, value: Any) -> Any:
-        if value is None or (self.false_is_none and value is False):
-            if self.optional:
-                return None
-            self._fail(value)
-        if self.kind == "bool":
-            if not isinstance(value, bool):
-                self._fail(value)
-            return value
-        if self.kind == "choice":
-            if value not in self.choices:
-                self._fail(value, _did_you_mean(value, self.choices))
-            return value
-        if self.kind == "str":
-            if isinstance(value, os.PathLike):
-                value = os.fspath(value)
-            if not isinstance(value, str) or not value:
-                self._fail(value)
-            return value
-        return self._check_number(value)
-
-    def _check_number(self, value: Any) -> float | int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self._fail(value)
-        if self.kind == "int":
-            if isinstance(value, float) and not value.is_integer():
-                self._fail(value)
-            number: float | int = int(value)
-        else:
-            number = float(value)
-            if not math.isfinite(number):
-                self._fail(value)
-        below = self.low is not None and (
-            number < self.low or (number == self.low and not self.low_inclusive)
-        )
-        above = self.high is not None and (
-            number > self.high or (number == self.high and not self.high_inclusive)
-        )
-        if below or above:
-            self._fail(value)
-        return number
-
-    def _fail(self, value: Any, hint: str = "") -> None:
-        raise PolicyError(
-            f"`{self.key}` must be {self.allowed}{hint}. Received: {self.key}={value!r}"
-        )
-
-
-def _positive(key: str, optional: bool = False) -> _Spec:
-    allowed = "a positive number" + (" or None" if optional else "")
-    return _Spec(key, "float", allowed, optional=optional, false_is_none=optional, low=0.0,
-                 low_inclusive=False)
-
-
-def _nonnegative(key: str) -> _Spec:
-    return _Spec(key, "float", "a number >= 0", low=0.0)
-
-
-def _count(key: str, low: int, optional: bool = False) -> _Spec:
-    allowed = f"an integer >= {low}" + (" or None" if optional else "")
-    return _Spec(key, "int", allowed, optional=optional, false_is_none=optional, low=low)
-
-
-def _choice(key: str, choices: tuple[str, ...], optional: bool = False) -> _Spec:
-    allowed = f"one of {list(choices)}" + (" or None" if optional else "")
-    return _Spec(key, "choice", allowed, optional=optional, false_is_none=optional,
-                 choices=choices)
-
-
-_SPECS: tuple[_Spec, ...] = (
-    _positive("clip_norm", optional=True),
-    _choice("norm_scope", _NORM_SCOPES),
-    _positive("clip_value", optional=True),
-    _Spec("skip_nonfinite", "bool", "True or False"),
-    _nonnegative("l1"),
-    _nonnegative("l2"),
-    _positive("unitwise_eps"),
-    _count("max_consecutive_skips", 1, optional=True),
-    _choice("adaptive", _ADAPTIVE, optional=True),
-    _Spec("zscore_alpha", "float", "a number in (0, 1)", low=0.0, low_inclusive=False, high=1.0,
-          high_inclusive=False),
-    _positive("zscore_z"),
-    _count("warmup", 0),
-    _Spec("percentile", "float", "a number in (0, 100]", low=0.0, low_inclusive=False,
-          high=100.0),
-    _count("history", 1),
-    _choice("spike_skip", _SPIKE_ON, optional=True),
-    _count("spike_window", 2),
-    _positive("spike_k"),
-    _count("spike_warmup", 1),
-    _choice("penalty_when", _PENALTY_WHEN),
-    _positive("weight_norm_max", optional=True),
-    _positive("weight_growth_max", optional=True),
-    _count("log_every", 0),
-    _Spec("log_file", "str", "a file path or None", optional=True, false_is_none=True),
-    _Spec("log_logger", "str", "a logger name or None", optional=True, false_is_none=True),
-    _Spec("log_tensorboard", "str", "a directory or None", optional=True, false_is_none=True),
-    _count("log_top_k", 1),
-    _count("monitor_every", 0),
-    _count("monitor_window", 2),
-)
-
-KEYS: tuple[str, ...] = tuple(spec.key for spec in _SPECS)
-
-
-def _check_combinations(policy: Policy) -> None:
-    if policy.adaptive is not None and policy.norm_scope != "global":
-        raise PolicyError(
-            "`adaptive` derives one threshold for the global norm and needs "
-            f"norm_scope='global'. Received: adaptive={policy.adaptive!r}, "
-            f"norm_scope={policy.norm_scope!r}"
-        )
-    if policy.adaptive is not None and policy.clip_norm is None:
-        raise PolicyError(
-            "`adaptive` caps its threshold by `clip_norm`, which must be a positive number. "
-            f"Received: adaptive={policy.adaptive!r}, clip_norm=None"
-        )
-    if policy.adaptive == "percentile" and policy.warmup > policy.history:
-        raise PolicyError(
-            f"`warmup` must be at most `history` ({policy.history}) with adaptive='percentile'. "
-            f"Received: warmup={policy.warmup}"
-        )
-    if policy.penalty_when == "weights_above" and (
-        policy.weight_norm_max is None and policy.weight_growth_max is None
-    ):
-        raise PolicyError(
-            "penalty_when='weights_above' needs `weight_norm_max` or `weight_growth_max`. "
-            "Received: weight_norm_max=None, weight_growth_max=None"
-        )
-
-
-# ---------------------------------------------------------------------------
 # Helpers for loaders.
 # ---------------------------------------------------------------------------
-def _did_you_mean(value: Any, options: Any) -> str:
-    if not isinstance(value, str):
-        return ""
-    close = difflib.get_close_matches(value, list(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _reject_unknown(mapping: Mapping[str, Any]) -> None:
-    for key in mapping:
-        if key not in KEYS:
-            hint = _did_you_mean(key, KEYS) or ""
-            raise PolicyError(
-                f"Unknown policy key {key!r}{hint}. Allowed keys: {', '.join(KEYS)}. "
-                f"Received: {key}={mapping[key]!r}"
-            )
-
-
 def _unwrap_table(mapping: Mapping[str, Any]) -> dict[str, Any]:
     tool = mapping.get("tool")
     if isinstance(tool, Mapping) and isinstance(tool.get("safeopt"), Mapping):
@@ -524,5 +355,5 @@ def _from_string(value: str) -> Policy:
         return Policy.from_file(value)
     raise PolicyError(
         f"`policy` must be a preset name (one of {sorted(PRESETS)}) or a path to a "
-        f".toml/.yaml/.json file{_did_you_mean(value, PRESETS)}. Received: policy={value!r}"
+        f".toml/.yaml/.json file{did_you_mean(value, PRESETS)}. Received: policy={value!r}"
     )

@@ -1,4 +1,4 @@
-"""Adapter discovery and the user-facing ``wrap`` / ``stats``.
+"""Adapter discovery, :func:`wrap`, and finding the adapter that owns an object.
 
 Adapters are found through the entry-point group ``safeopt.adapters``. The
 name of an entry point is the top-level module of the framework it adapts
@@ -13,31 +13,39 @@ from __future__ import annotations
 
 import abc
 import functools
-import math
+import inspect
 import sys
 import warnings
 from importlib import metadata
+from importlib.util import find_spec
 from typing import Any
 
-import numpy as np
-
-from safeopt._decide import PolicyState
-from safeopt._errors import AdapterError, DivergenceError
+from safeopt._errors import AdapterError
 from safeopt._policy import Policy, PolicyLike, load_policy
+from safeopt._state import State
 
 GROUP = "safeopt.adapters"
+
+#: Attributes through which trainers' optimizer wrappers reach the optimizer they
+#: wrap (accelerate's ``AcceleratedOptimizer.optimizer``, Lightning's
+#: ``LightningOptimizer._optimizer``), followed by :func:`owner`.
+_WRAPPED_ATTRS = ("optimizer", "_optimizer")
 
 
 class Adapter(abc.ABC):
     """What a framework adapter provides to the core.
 
-    Subclass it in a plug-in distribution and register an instance (or the
-    class) under the entry-point group ``safeopt.adapters``, named after the
-    framework's top-level module.
+    Subclass it in a plug-in distribution and register the class (or an
+    instance) under the entry-point group ``safeopt.adapters``, named after
+    the framework's top-level module.
+
+    Attributes:
+      name: Short name shown in messages and ``safeopt.stats(...)["framework"]``.
+      demo: Module path of the adapter's ``safeopt demo`` tasks (``None``: no demo).
     """
 
-    #: Short name shown in messages and ``safeopt.stats(...)["framework"]``.
     name: str = "?"
+    demo: str | None = None
 
     @abc.abstractmethod
     def accepts(self, optimizer: Any) -> bool:
@@ -52,11 +60,12 @@ class Adapter(abc.ABC):
         """Whether ``obj`` is a wrapped optimizer (or its state) made by this adapter."""
 
     @abc.abstractmethod
-    def read(self, obj: Any) -> tuple[Policy, PolicyState, dict[str, Any]]:
-        """Reads ``(policy, state as NumPy arrays, extra info)`` from ``obj``.
+    def read(self, obj: Any) -> tuple[Policy, State, dict[str, Any]]:
+        """Reads ``(policy, state as NumPy arrays, extra facts)`` from ``obj``.
 
-        This is where the host synchronisation happens; ``extra`` holds
-        adapter facts such as which execution path the optimizer takes.
+        This is where the host synchronisation happens. ``extra`` holds
+        adapter facts: ``names`` (parameter names in tensor order), ``path``
+        (the execution path), and anything else worth reporting.
         """
 
 
@@ -79,10 +88,7 @@ def _load(ep: metadata.EntryPoint) -> Adapter | None:
     except Exception as err:  # a broken plug-in must not break safeopt
         warnings.warn(
             f"safeopt adapter {ep.name!r} ({ep.value}) failed to load and is ignored: "
-            f"{type(err).__name__}: {err}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+            f"{type(err).__name__}: {err}", RuntimeWarning, stacklevel=3)
     _LOADED[key] = adapter
     return adapter
 
@@ -91,8 +97,8 @@ def _framework_root(ep: metadata.EntryPoint) -> str:
     return ep.name.split(".")[0]
 
 
-def _active_adapters(obj: Any = None) -> list[Adapter]:
-    """Adapters whose framework the caller has imported, best match first."""
+def active_adapters(obj: Any = None) -> list[Adapter]:
+    """Adapters whose framework the caller has imported, the best match for ``obj`` first."""
     roots = set()
     if obj is not None:
         roots = {cls.__module__.split(".")[0] for cls in type(obj).__mro__}
@@ -106,19 +112,43 @@ def _active_adapters(obj: Any = None) -> list[Adapter]:
     return adapters
 
 
+def adapter_for_framework(name: str) -> Adapter | None:
+    """The adapter registered under the framework ``name`` (imported by the caller)."""
+    for ep in _entry_points():
+        if ep.name == name and _framework_root(ep) in sys.modules:
+            return _load(ep)
+    return None
+
+
 def installed_adapters() -> list[dict[str, str]]:
-    """Lists the installed adapters: entry-point name, target and whether active."""
+    """Lists the installed adapters: entry-point name, target and status.
+
+    The status says whether the adapter is loaded, failed to load, or is
+    waiting for its framework, which is either importable (installed but not
+    imported yet) or not installed at all.
+    """
     rows = []
     for ep in _entry_points():
-        active = _framework_root(ep) in sys.modules
-        status = "framework not imported"
-        if active:
+        root = _framework_root(ep)
+        if root in sys.modules:
             status = "loaded" if _load(ep) is not None else "failed to load"
+        elif _importable(root):
+            status = "installed (loads when you import it)"
+        else:
+            status = f"{root} not installed"
         rows.append({"name": ep.name, "value": ep.value, "status": status})
     return rows
 
 
-def _installed_text() -> str:
+def _importable(module: str) -> bool:
+    try:
+        return find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def installed_text() -> str:
+    """The installed adapters in one line, for error messages."""
     rows = installed_adapters()
     if not rows:
         return "none (install safeopt with an extra, e.g. pip install 'safeopt[torch]')"
@@ -148,126 +178,55 @@ def wrap(optimizer: Any, policy: PolicyLike = None) -> Any:
       >>> opt = safeopt.wrap(torch.optim.SGD(model.parameters(), lr=0.1), {"clip_norm": 1.0})
     """
     resolved = load_policy(policy)
-    for adapter in _active_adapters(optimizer):
+    for adapter in active_adapters(optimizer):
         if adapter.owns(optimizer):
-            raise AdapterError(
-                f"{type(optimizer).__name__} is already wrapped by safeopt; wrap the inner "
-                "optimizer once."
-            )
+            raise AdapterError(f"{type(optimizer).__name__} is already wrapped by safeopt; "
+                               "wrap the inner optimizer once.")
         if adapter.accepts(optimizer):
             return adapter.wrap(optimizer, resolved)
     raise AdapterError(
         f"No installed safeopt adapter accepts {type(optimizer).__module__}."
-        f"{type(optimizer).__qualname__}. Installed adapters: {_installed_text()}."
-    )
+        f"{type(optimizer).__qualname__}{_call_hint(optimizer)}. "
+        f"Installed adapters: {installed_text()}.")
 
 
-def _owner(obj: Any) -> Adapter:
-    for adapter in _active_adapters(obj):
-        if adapter.owns(obj):
-            return adapter
-    raise AdapterError(
-        f"{type(obj).__qualname__} was not made by safeopt.wrap (or its state). "
-        f"Installed adapters: {_installed_text()}."
-    )
+def _call_hint(optimizer: Any) -> str:
+    """A hint when ``optimizer`` is the factory, not the optimizer (``optax.adamw``)."""
+    if inspect.isclass(optimizer) or inspect.isfunction(optimizer):
+        kind = "class" if inspect.isclass(optimizer) else "function"
+        name = optimizer.__name__
+        return f" ({name} is a {kind}: call it, e.g. safeopt.wrap({name}(...)))"
+    return ""
 
 
-def read_state(obj: Any) -> tuple[Policy, PolicyState, dict[str, Any]]:
-    """Reads ``(policy, state, extra)`` of a wrapped optimizer or its state (host sync)."""
-    return _owner(obj).read(obj)
+def owner(obj: Any) -> tuple[Adapter, Any]:
+    """The adapter that made ``obj``, and the wrapped object itself.
 
-
-def stats(obj: Any) -> dict[str, Any]:
-    """Returns safeopt's counters and statistics as plain Python numbers.
-
-    Reading them is the one place where a host synchronisation is allowed.
-
-    Args:
-      obj: A wrapped optimizer (torch, Keras) or the state of a wrapped
-        Optax transformation.
-
-    Returns:
-      A dict with ``steps`` (applied updates), ``skips``,
-      ``consecutive_skips``, ``nonfinite``, ``spikes``, ``norm_clips``,
-      ``value_clips``, ``last_norm``, ``last_scale``, ``threshold``,
-      ``last_loss`` and adapter facts such as ``framework`` and ``path``.
-    """
-    adapter = _owner(obj)
-    policy, state, extra = adapter.read(obj)
-    return summarize(policy, state, {"framework": adapter.name, **extra})
-
-
-def summarize(policy: Policy, state: PolicyState, extra: dict[str, Any] | None = None,
-              ) -> dict[str, Any]:
-    """Turns a host copy of the state into the dict :func:`stats` returns."""
-    out: dict[str, Any] = {}
-    for name in ("steps", "skips", "consecutive_skips", "nonfinite", "spikes", "norm_clips",
-                 "value_clips"):
-        out[name] = int(np.asarray(getattr(state, name)))
-    for name in ("last_norm", "last_scale", "threshold", "last_loss", "last_weight_norm"):
-        out[name] = float(np.asarray(getattr(state, name)))
-    out["policy"] = "off" if policy.is_noop else "on"
-    out.update(extra or {})
-    out["clip_rate"] = out["norm_clips"] / out["steps"] if out["steps"] else 0.0
-    out["skip_rate"] = out["skips"] / max(out["steps"] + out["skips"], 1)
-    if math.isnan(out["last_weight_norm"]):
-        out.pop("last_weight_norm")
-    return out
-
-
-def check(obj: Any) -> dict[str, Any]:
-    """Reads the counters and raises if the run is diverging (a host boundary).
-
-    Adapters call it where they already synchronise; in compiled training
-    loops (``jax.jit``) call it yourself every few steps.
-
-    Args:
-      obj: A wrapped optimizer or the state of a wrapped Optax transformation.
-
-    Returns:
-      :func:`stats` of ``obj``.
+    Trainers' optimizer wrappers (accelerate, Lightning) are looked through.
 
     Raises:
-      DivergenceError: ``max_consecutive_skips`` updates in a row were skipped.
+      AdapterError: nothing safeopt made is found in ``obj``.
     """
-    adapter = _owner(obj)
-    policy, state, extra = adapter.read(obj)
-    counters = summarize(policy, state, {"framework": adapter.name, **extra})
-    raise_if_diverged(policy, counters, obj)
-    return counters
+    seen = obj
+    for _ in range(4):
+        for adapter in active_adapters(seen):
+            if adapter.owns(seen):
+                return adapter, seen
+        inner = next((getattr(seen, a) for a in _WRAPPED_ATTRS
+                      if getattr(seen, a, None) is not None), None)
+        if inner is None or inner is seen:
+            break
+        seen = inner
+    raise AdapterError(
+        f"{type(obj).__qualname__} was not made by safeopt.wrap (nor does it hold an optimizer "
+        f"that was). Installed adapters: {installed_text()}.")
 
 
-def raise_if_diverged(policy: Policy, counters: dict[str, Any], obj: Any = None) -> None:
-    """Raises :class:`DivergenceError` when ``counters`` show too many skips in a row.
+def read_state(obj: Any) -> tuple[Policy, State, dict[str, Any]]:
+    """``(policy, state as NumPy arrays, extra)`` of a wrapped optimizer or its state.
 
-    Args:
-      policy: The policy in force (``max_consecutive_skips``).
-      counters: At least ``consecutive_skips`` (as :func:`stats` returns).
-      obj: The wrapped optimizer or state, to attach its diagnosis.
+    One host synchronisation. ``extra["framework"]`` names the adapter.
     """
-    limit = policy.max_consecutive_skips
-    streak = int(counters["consecutive_skips"])
-    if limit is None or streak < limit:
-        return
-    raise DivergenceError(
-        f"safeopt skipped {streak} consecutive updates (max_consecutive_skips={limit}): "
-        "the gradients or the loss keep coming out NaN/Inf, so training stops here instead "
-        "of going on with garbage. Lower the learning rate, check the data and the loss for "
-        "NaN, or raise max_consecutive_skips.",
-        diagnosis=_diagnosis_of(obj),
-        stats=counters,
-    )
-
-
-def _diagnosis_of(obj: Any) -> Any:
-    if obj is None:
-        return None
-    try:
-        from safeopt._diagnose import diagnose
-    except ImportError:
-        return None
-    try:
-        return diagnose(obj)
-    except Exception as err:  # the error must still be raised
-        warnings.warn(f"safeopt could not diagnose the run: {err}", RuntimeWarning, stacklevel=3)
-        return None
+    adapter, found = owner(obj)
+    policy, state, extra = adapter.read(found)
+    return policy, state, {"framework": adapter.name, **extra}

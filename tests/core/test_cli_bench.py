@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from safeopt._demo import ProgressBar
 from safeopt.cli import build_parser
 from safeopt_bench import overhead, stability
+from safeopt_bench.demo import ProgressBar
 
 
 def test_help_lists_demo_and_bench_without_importing_a_framework() -> None:

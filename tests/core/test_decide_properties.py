@@ -11,11 +11,12 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import safeopt
-from safeopt import GradStats, Policy, decide, init_state, protect
+import safeopt.adapter as sa
+from safeopt import Policy
+from safeopt.adapter import FEATURES, GradStats, decide, init_state
 
-xp = safeopt.namespace_by_name("numpy")
-SKIP_COUNTERS = safeopt._decide.SKIP_FIELDS  # skip counters and NaN-onset monitor fields
+xp = sa.namespace_by_name("numpy")
+kernels = sa.Kernels(xp)
 
 finite_floats = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 any_floats = st.one_of(finite_floats, st.sampled_from([math.nan, math.inf, -math.inf]))
@@ -38,14 +39,16 @@ policies = st.builds(
 )
 
 
-def _run(policy: Policy, grads: list[np.ndarray], params: list[np.ndarray] | None = None):
-    state = init_state(xp, policy, n_tensors=len(grads))
+def _run(policy: Policy, grads: list[np.ndarray], params: list[np.ndarray] | None = None,
+         state: sa.State | None = None, loss: float | None = None):
+    state = init_state(xp, policy, n_tensors=len(grads)) if state is None else state
     if params is None:
         params = [np.ones_like(g) for g in grads]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # inf - inf in NumPy
-        out, decision, new_state = protect(xp, policy, state, grads, params)
-    return out, decision, state, new_state
+        out = sa.step(kernels, policy, state, grads, params,
+                      None if loss is None else np.float32(loss))
+    return out.grads, out.decision, state, out.state
 
 
 @given(policy=policies, grads=_tensors(finite_floats))
@@ -66,13 +69,15 @@ def test_applied_step_respects_both_bounds(policy: Policy, grads) -> None:
 
 
 @given(policy=policies, grads=_tensors(any_floats))
-def test_scale_in_unit_interval_and_finite(policy: Policy, grads) -> None:
-    _, decision, _, _ = _run(policy, grads)
-    scale = float(decision.scale)
-    assert 0.0 < scale <= 1.0
-    assert math.isfinite(float(decision.inv_scale)) and float(decision.inv_scale) >= 1.0
-    assert float(decision.found_inf) in (0.0, 1.0)
-    assert float(decision.found_inf) == float(bool(decision.skip))
+def test_scale_in_unit_interval_and_its_inverse_finite(policy: Policy, grads) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = sa.step(kernels, policy, init_state(xp, policy, len(grads)), grads,
+                      [np.ones_like(g) for g in grads])
+        clipped = np.logical_and(out.decision.clipped, policy.norm_scope == "global")
+        inv = float(sa.inverse_scale(xp, out.stats.norm, out.decision.threshold, clipped))
+    assert 0.0 < float(out.decision.scale) <= 1.0
+    assert math.isfinite(inv) and inv >= 1.0
 
 
 @given(policy=policies, grads=_tensors(any_floats))
@@ -81,7 +86,7 @@ def test_nonfinite_always_skips_when_asked(policy: Policy, grads) -> None:
     assume(not finite)
     _, decision, _, new_state = _run(policy, grads)
     assert bool(decision.skip) == policy.skip_nonfinite
-    assert int(new_state.nonfinite) == 1
+    assert int(new_state.counters.nonfinite) == 1
 
 
 @given(grads=_tensors(any_floats))
@@ -92,15 +97,39 @@ def test_off_changes_nothing(grads) -> None:
         np.testing.assert_array_equal(a, b)
 
 
-@given(policy=policies, grads=_tensors(any_floats))
-def test_skipped_step_changes_only_skip_counters(policy: Policy, grads) -> None:
-    _, decision, old, new = _run(policy, grads)
-    assume(bool(decision.skip))
-    for name in safeopt.PolicyState._fields:
-        if name not in SKIP_COUNTERS:
-            np.testing.assert_array_equal(getattr(new, name), getattr(old, name), err_msg=name)
-    assert int(new.skips) == int(old.skips) + 1
-    assert int(new.consecutive_skips) == int(old.consecutive_skips) + 1
+stateful_policies = st.builds(
+    Policy,
+    clip_norm=st.sampled_from([0.5, 1.0, 10.0]),
+    clip_value=st.sampled_from([None, 0.5]),
+    adaptive=st.sampled_from([None, "zscore", "percentile"]),
+    warmup=st.just(2), history=st.just(8),
+    spike_skip=st.sampled_from([None, "loss", "grad_norm"]),
+    spike_warmup=st.just(2), spike_window=st.just(4),
+    monitor_every=st.sampled_from([0, 1, 3]), monitor_window=st.just(4),
+    l2=st.sampled_from([0.0, 1e-2]),
+    max_consecutive_skips=st.none(),
+)
+
+
+@given(policy=stateful_policies, steps=st.lists(st.tuples(_tensors(any_floats), any_floats),
+                                                min_size=1, max_size=8))
+def test_skipped_update_changes_only_what_each_feature_declares(policy: Policy, steps) -> None:
+    """A skipped update never happened: only each feature's SKIPPABLE fields move."""
+    grads0 = steps[0][0]
+    state = init_state(xp, policy, n_tensors=len(grads0))
+    for grads, loss in steps:
+        if [g.shape for g in grads] != [g.shape for g in grads0]:
+            continue
+        _, decision, old, new = _run(policy, grads, state=state, loss=loss)
+        if bool(decision.skip):
+            for (name, module), was, now in zip(FEATURES.items(), old, new):
+                for field, a, b in zip(now._fields, was, now):
+                    if field not in module.SKIPPABLE:
+                        np.testing.assert_array_equal(b, a, err_msg=f"{name}.{field}")
+            assert int(new.counters.skips) == int(old.counters.skips) + 1
+            assert int(new.counters.consecutive_skips) == int(
+                old.counters.consecutive_skips) + 1
+        state = new
 
 
 def test_consecutive_skips_reset_after_an_applied_step() -> None:
@@ -110,8 +139,8 @@ def test_consecutive_skips_reset_after_an_applied_step() -> None:
     ok = GradStats(norm=np.float32(0.5))
     for stats, expected in [(nan, 1), (nan, 2), (ok, 0), (nan, 1)]:
         _, state = decide(xp, policy, state, stats)
-        assert int(state.consecutive_skips) == expected
-    assert int(state.skips) == 3 and int(state.steps) == 1
+        assert int(state.counters.consecutive_skips) == expected
+    assert int(state.counters.skips) == 3 and int(state.counters.steps) == 1
 
 
 def test_clip_counting_and_threshold() -> None:
@@ -119,10 +148,13 @@ def test_clip_counting_and_threshold() -> None:
     state = init_state(xp, policy)
     decision, state = decide(xp, policy, state, GradStats(norm=np.float32(8.0)))
     assert bool(decision.clipped) and float(decision.scale) == pytest.approx(0.25)
-    assert float(decision.inv_scale) == pytest.approx(4.0)
+    inv = sa.inverse_scale(xp, np.float32(8.0), decision.threshold, decision.clipped)
+    assert float(inv) == 4.0
     decision, state = decide(xp, policy, state, GradStats(norm=np.float32(1.0)))
-    assert not bool(decision.clipped) and float(decision.inv_scale) == 1.0
-    assert int(state.norm_clips) == 1 and float(state.last_norm) == 1.0
+    assert not bool(decision.clipped)
+    assert float(sa.inverse_scale(xp, np.float32(1.0), decision.threshold,
+                                  decision.clipped)) == 1.0
+    assert int(state.counters.norm_clips) == 1 and float(state.counters.last_norm) == 1.0
 
 
 def test_loss_spike_needs_the_loss() -> None:
@@ -132,10 +164,10 @@ def test_loss_spike_needs_the_loss() -> None:
         decide(xp, policy, state, GradStats(norm=np.float32(1.0)))
 
 
-def test_protect_needs_params_for_penalty() -> None:
+def test_step_needs_params_for_penalty() -> None:
     policy = Policy(l2=0.1)
     with pytest.raises(ValueError, match="pass params"):
-        protect(xp, policy, init_state(xp, policy), [np.ones(2, np.float32)])
+        sa.step(kernels, policy, init_state(xp, policy), [np.ones(2, np.float32)])
 
 
 def test_bfloat_like_low_precision_grads_keep_their_dtype() -> None:

@@ -7,11 +7,13 @@ import math
 import numpy as np
 import pytest
 
-import safeopt
-from safeopt import GradStats, Policy, decide, diagnose_state, init_state
-from safeopt._diagnose import Diagnosis, remedies_for
+import safeopt.adapter as sa
+from safeopt import Policy
+from safeopt._diagnose import Diagnosis
+from safeopt._remedies import remedies_for
+from safeopt.adapter import GradStats, decide, diagnose_state, init_state
 
-xp = safeopt.namespace_by_name("numpy")
+xp = sa.namespace_by_name("numpy")
 NAMES = ["embed.weight", "rnn.weight_hh_l0", "head.weight"]
 
 
@@ -107,7 +109,7 @@ def test_monitor_off_tracks_only_the_nan_onset() -> None:
     policy = Policy(clip_norm=None, monitor_every=0)
     norms = [np.array([9.0, 9.0, 9.0])] * 30 + [np.array([math.nan, 1.0, 1.0])]
     state = run(policy, norms)
-    assert int(state.first_nonfinite_step) == 30
+    assert int(state.counters.first_nonfinite_step) == 30
     assert diagnose_state(policy, state, NAMES).signs == ()
 
 

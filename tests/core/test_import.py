@@ -12,7 +12,9 @@ import sys
 import safeopt
 policy = safeopt.load_policy({{"clip_norm": 1.0, "clip_value": 0.5}})
 safeopt.load_policy("default")
-safeopt.installed_adapters()
+import safeopt.adapter
+safeopt.adapter.installed_adapters()
+import safeopt.telemetry, safeopt.testing
 from safeopt.cli import main
 try:
     main(["--help"])

@@ -7,15 +7,16 @@ import math
 
 import pytest
 
-import safeopt
 from safeopt import Policy, PolicyError, load_policy
+from safeopt._policy import ENV_VAR
+from safeopt._specs import KEYS
 
 
 def test_defaults_follow_the_contract() -> None:
     p = Policy()
     assert (p.clip_norm, p.norm_scope, p.clip_value, p.skip_nonfinite, p.l1, p.l2) == (
         1.0, "global", None, True, 0.0, 0.0)
-    assert list(safeopt.KEYS[:6]) == ["clip_norm", "norm_scope", "clip_value",
+    assert list(KEYS[:6]) == ["clip_norm", "norm_scope", "clip_value",
                                        "skip_nonfinite", "l1", "l2"]
 
 
@@ -135,17 +136,17 @@ def test_yaml_cannot_execute_code(tmp_path) -> None:
 
 
 def test_environment_variable(tmp_path, monkeypatch) -> None:
-    monkeypatch.delenv(safeopt.ENV_VAR, raising=False)
+    monkeypatch.delenv(ENV_VAR, raising=False)
     assert load_policy(None) == Policy()
-    monkeypatch.setenv(safeopt.ENV_VAR, "off")
+    monkeypatch.setenv(ENV_VAR, "off")
     assert load_policy(None).is_noop
     f = tmp_path / "p.toml"
     f.write_text("clip_value = 0.25\n")
-    monkeypatch.setenv(safeopt.ENV_VAR, str(f))
+    monkeypatch.setenv(ENV_VAR, str(f))
     assert load_policy(None).clip_value == 0.25
-    monkeypatch.setenv(safeopt.ENV_VAR, '{"clip_norm": 3}')
+    monkeypatch.setenv(ENV_VAR, '{"clip_norm": 3}')
     assert load_policy(None).clip_norm == 3.0
-    monkeypatch.setenv(safeopt.ENV_VAR, '{"clip_nrom": 3}')
+    monkeypatch.setenv(ENV_VAR, '{"clip_nrom": 3}')
     with pytest.raises(PolicyError, match="clip_norm"):
         load_policy(None)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import safeopt
+import safeopt.adapter as sa
 from safeopt import _registry
 
 safeopt_toy = pytest.importorskip("safeopt_toy", reason="the toy plug-in distribution")
@@ -29,7 +30,7 @@ def test_third_party_plugin_wraps_through_the_public_api() -> None:
 
 
 def test_plugin_is_listed() -> None:
-    names = {row["name"]: row["status"] for row in safeopt.installed_adapters()}
+    names = {row["name"]: row["status"] for row in sa.installed_adapters()}
     assert names["safeopt_toy"] == "loaded"
     assert {"torch", "optax", "keras"} <= set(names)
 
@@ -58,7 +59,7 @@ def test_wrapping_twice_is_refused() -> None:
 
 def test_broken_plugin_warns_instead_of_crashing(monkeypatch) -> None:
     broken = metadata.EntryPoint(name="json", value="safeopt_no_such_module:Adapter",
-                                 group=safeopt.GROUP)
+                                 group=sa.GROUP)
     eps = (*_registry._entry_points(), broken)
     monkeypatch.setattr(_registry, "_entry_points", lambda: eps)
     monkeypatch.setattr(_registry, "_LOADED", {})
@@ -82,10 +83,12 @@ def test_check_raises_after_too_many_skips() -> None:
     for _ in range(2):
         opt.step(bad)
         assert safeopt.check(opt)["consecutive_skips"] < 3
-    opt.step(bad)
     with pytest.raises(safeopt.DivergenceError, match="3 consecutive") as info:
-        safeopt.check(opt)
+        opt.step(bad)  # the plug-in raises from its step, through the core's check
     assert info.value.stats["skips"] == 3
+    assert "NaN/Inf" in str(info.value) and info.value.diagnosis.fired("a")
+    with pytest.raises(safeopt.DivergenceError, match="3 consecutive"):
+        safeopt.check(opt)
 
 
 def test_namespace_never_imports_a_framework() -> None:
@@ -93,5 +96,5 @@ def test_namespace_never_imports_a_framework() -> None:
 
     if "torch" not in sys.modules:
         with pytest.raises(ValueError, match="import torch"):
-            safeopt.namespace_by_name("torch")
-    assert safeopt.namespace(np.zeros(1)).name == "numpy"
+            sa.namespace_by_name("torch")
+    assert sa.namespace(np.zeros(1)).name == "numpy"

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import safeopt
-from safeopt import GradStats, Policy, decide, init_state
-from safeopt import _telemetry as telemetry
+import safeopt.adapter as sa
+from safeopt import Policy, telemetry
+from safeopt.adapter import GradStats, decide, init_state
 from safeopt.cli import main
 
 pytest.importorskip("matplotlib")
-xp = safeopt.namespace_by_name("numpy")
+xp = sa.namespace_by_name("numpy")
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -32,7 +32,7 @@ def write_log(path: Path, steps: int = 120) -> None:
     names = [f"layer{i}.weight" for i in range(6)]
     state = init_state(xp, policy, n_tensors=len(names))
     rng = np.random.default_rng(0)
-    sink = safeopt.JsonlSink(path, mode="w")
+    sink = telemetry.JsonlSink(path, mode="w")
     for step in range(1, steps + 1):
         growth = 1.04 ** step
         tn = (np.abs(rng.normal(1.0, 0.3, len(names))) * growth * np.linspace(0.2, 2, 6))
@@ -45,8 +45,8 @@ def write_log(path: Path, steps: int = 120) -> None:
                           loss=loss, tensor_norms=tn,
                           weight_norm=np.float32(10 * 1.01 ** step) if step % 10 == 0 else None)
         _, state = decide(xp, policy, state, stats)
-        if telemetry.due(policy, step):
-            sink.write(telemetry.make_record(policy, state, {"names": names}, step=step))
+        if sa.telemetry_due(policy, step):
+            sink.write(sa.make_record(policy, state, {"names": names}, step=step))
     sink.close()
 
 

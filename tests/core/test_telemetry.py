@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 import safeopt
-from safeopt import GradStats, Policy, decide, init_state
-from safeopt import _telemetry as telemetry
+import safeopt.adapter as sa
+from safeopt import Policy, telemetry
+from safeopt.adapter import GradStats, decide, init_state
 
-xp = safeopt.namespace_by_name("numpy")
+xp = sa.namespace_by_name("numpy")
 NAMES = ["enc.weight", "enc.bias", "dec.weight"]
 
 
@@ -40,7 +41,7 @@ def fake_registry(monkeypatch: pytest.MonkeyPatch) -> None:
         obj.reads += 1
         return obj.policy, obj.state, {"names": NAMES, "path": "numpy", "framework": "fake"}
 
-    monkeypatch.setattr(safeopt._registry, "read_state", read_state)
+    monkeypatch.setattr(safeopt._record, "read_state", read_state)
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def sink() -> Any:
 
     collect = safeopt.add_sink(Collect())
     yield records
-    safeopt.remove_sink(collect)
+    telemetry.remove_sink(collect)
     telemetry.close_sinks()
 
 
@@ -128,7 +129,7 @@ def test_tensorboard_sink_with_a_given_writer() -> None:
         def add_scalar(self, tag: str, value: float, step: int) -> None:
             calls.append((tag, value, step))
 
-    sink = safeopt.TensorBoardSink(writer=Writer())
+    sink = telemetry.TensorBoardSink(writer=Writer())
     sink.write({"step": 7, "grad_norm": 2.0, "loss": None, "layers": {"a": 1.5}})
     assert ("safeopt/grad_norm", 2.0, 7) in calls
     assert ("safeopt/layer_grad_norm/a", 1.5, 7) in calls
@@ -138,7 +139,7 @@ def test_tensorboard_sink_with_a_given_writer() -> None:
 def test_tensorboard_event_files(tmp_path) -> None:
     pytest.importorskip("tensorboard")
     torch = pytest.importorskip("torch")  # noqa: F841 - the writer comes from torch
-    sink = safeopt.TensorBoardSink(tmp_path)
+    sink = telemetry.TensorBoardSink(tmp_path)
     sink.write({"step": 1, "grad_norm": 2.0, "layers": {}})
     sink.close()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -164,7 +165,7 @@ def test_policy_validates_log_keys() -> None:
 def test_telemetry_imports_no_framework() -> None:
     import subprocess
 
-    code = ("import sys, safeopt, safeopt._telemetry, safeopt._report, safeopt.cli; "
+    code = ("import sys, safeopt, safeopt.telemetry, safeopt._report, safeopt.cli; "
             "bad = {'torch', 'jax', 'tensorflow', 'keras', 'optax', 'matplotlib'} & "
             "set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

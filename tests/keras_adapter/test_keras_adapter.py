@@ -20,7 +20,7 @@ keras = pytest.importorskip("keras")
 
 import safeopt  # noqa: E402
 import safeopt_keras  # noqa: E402
-from safeopt.testing import CASES, assert_case  # noqa: E402
+from safeopt.testing import CASES, Trace, check, guarded, snapshot  # noqa: E402
 
 BACKEND = keras.backend.backend()
 F32 = np.float32
@@ -133,64 +133,62 @@ def test_wrapping_twice_or_a_loss_scale_optimizer_is_refused() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Conformance: every case through SGD(lr=1), eagerly and compiled.
+# Conformance: the table of safeopt.testing, through SGD(lr=1), eagerly and compiled.
 # ---------------------------------------------------------------------------
-def _case_inputs(case: Any) -> tuple[list[Any], list[Any], Any]:
-    variables = [keras.Variable(p, name=f"p{i}") for i, p in enumerate(case.arrays("params"))]
-    grads = [keras.ops.convert_to_tensor(g) for g in case.arrays("grads")]
-    loss = None if case.loss is None else keras.ops.convert_to_tensor(F32(case.loss))
-    return variables, grads, loss
+def _run_case(case: Any, compiled: bool) -> Trace:
+    """Runs ``case`` through ``safeopt.wrap(keras.optimizers.SGD(1.0))``.
+
+    Eager: ``apply`` on tensors (TensorFlow eager, JAX's stateful apply, torch).
+    Compiled: ``apply`` inside a ``tf.function`` (TensorFlow), ``stateless_apply``
+    under ``jax.jit`` (JAX).
+    """
+    variables = [keras.Variable(p, name=n) for n, p in zip(case.names, case.arrays("params"))]
+    opt = safeopt.wrap(keras.optimizers.SGD(learning_rate=1.0), case.policy)
+    opt.build(variables)
+    apply = _compiled_apply(opt, variables) if compiled else (
+        lambda grads, loss: opt.apply(grads, variables, loss=loss))
+    trace: Trace = []
+    for update in case.updates:
+        for var, value in zip(variables, case.set_weights(_numpy(variables), update)):
+            var.assign(value)
+        grads = [None if g is None else keras.ops.convert_to_tensor(g)
+                 for g in case.grads(update)]
+        loss = None if update.loss is None else keras.ops.convert_to_tensor(F32(update.loss))
+        error = guarded(lambda grads=grads, loss=loss: apply(grads, loss), lambda: opt)
+        trace.append(snapshot(opt, _numpy(variables), error))
+    return trace
 
 
-def _check_case(case: Any, opt: Any, variables: list[Any]) -> None:
-    assert_case(case, _numpy(variables), safeopt.stats(opt))
-    assert int(keras.ops.convert_to_numpy(opt.iterations)) == (0 if case.skip else 1), case.name
+def _compiled_apply(opt: Any, variables: list[Any]) -> Any:
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda grads, loss: opt.apply(grads, variables, loss=loss))
+    import jax
+
+    @jax.jit
+    def pure(opt_values: list[Any], params: list[Any], grads: list[Any], loss: Any) -> Any:
+        return opt.stateless_apply(opt_values, grads, params, loss=loss)
+
+    def apply(grads: list[Any], loss: Any) -> None:
+        new_params, new_opt = pure([v.value for v in opt.variables],
+                                   [v.value for v in variables], grads, loss)
+        for var, value in zip(list(variables) + opt.variables, new_params + new_opt):
+            var.assign(value)
+
+    return apply
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_conformance_eager(case: Any) -> None:
-    variables, grads, loss = _case_inputs(case)
-    opt = safeopt.wrap(keras.optimizers.SGD(learning_rate=1.0), case.policy)
-    opt.apply_gradients(zip(grads, variables), loss=loss)
-    _check_case(case, opt, variables)
+    check(case, _run_case(case, compiled=False))
 
 
 @pytest.mark.skipif(BACKEND == "torch", reason="the torch backend runs eagerly")
-def test_conformance_compiled() -> None:
-    """All cases in one compiled function (``tf.function`` graph, ``jax.jit``).
-
-    XLA on TensorFlow is covered by the ``jit_compile=True`` fit test (compiling
-    all cases with XLA would take a minute).
-    """
-    inputs = [_case_inputs(case) for case in CASES]
-    opts = [safeopt.wrap(keras.optimizers.SGD(learning_rate=1.0), c.policy) for c in CASES]
-    for opt, (variables, _, _) in zip(opts, inputs):
-        opt.build(variables)
-    grads = [g for _, g, _ in inputs]
-    losses = [loss for _, _, loss in inputs]
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        # One graph per case: Grappler takes far longer on one graph holding them all.
-        def compiled(opt: Any, variables: list[Any]) -> Any:
-            return tf.function(lambda g, loss: opt.apply_gradients(zip(g, variables), loss=loss))
-
-        for opt, (variables, g, loss) in zip(opts, inputs):
-            compiled(opt, variables)(g, loss)
-    else:
-        import jax
-
-        def stateless(opt_values: list[Any], params: list[Any]) -> Any:
-            return [opt.stateless_apply(ov, g, p, loss=loss)
-                    for opt, ov, g, p, loss in zip(opts, opt_values, grads, params, losses)]
-
-        results = jax.jit(stateless)([[v.value for v in o.variables] for o in opts],
-                                     [[v.value for v in vs] for vs, _, _ in inputs])
-        for opt, (variables, _, _), (new_params, new_opt) in zip(opts, inputs, results):
-            for var, value in zip(list(variables) + opt.variables, new_params + new_opt):
-                var.assign(value)
-    for case, opt, (variables, _, _) in zip(CASES, opts, inputs):
-        _check_case(case, opt, variables)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_conformance_compiled(case: Any) -> None:
+    """``tf.function`` graphs (TensorFlow) and ``jax.jit`` of ``stateless_apply`` (JAX)."""
+    check(case, _run_case(case, compiled=True))
 
 
 # ---------------------------------------------------------------------------

@@ -1,5 +1,24 @@
-"""Test helpers shipped with safeopt: the conformance suite every adapter runs."""
+"""The conformance suite every adapter runs: :data:`CASES` and :func:`check`.
 
-from safeopt.testing.conformance import CASES, Case, assert_case, reference_step
+Example, for a framework whose runner turns a case into a :data:`Trace`::
 
-__all__ = ["CASES", "Case", "assert_case", "reference_step"]
+    from safeopt.testing import CASES, check
+    for case in CASES:
+        check(case, run_in_my_framework(case))
+"""
+
+from safeopt.testing.cases import CASES, Case, Update
+from safeopt.testing.conformance import (
+    Snapshot,
+    Trace,
+    check,
+    expect,
+    first_line,
+    guarded,
+    policy_of,
+    reference,
+    snapshot,
+)
+
+__all__ = ["CASES", "Case", "Snapshot", "Trace", "Update", "check", "expect", "first_line",
+           "guarded", "policy_of", "reference", "snapshot"]

@@ -1,183 +1,211 @@
-"""The conformance suite: each case described once, run in every framework.
+"""The conformance harness: one table of cases, run in every framework, compared.
 
-A case is a policy, parameters, gradients (and optionally a loss) and the
-expected outcome, worked out by hand: whether the step is skipped, the
-gradient the inner optimizer must see, and counters. An adapter's test wraps
-plain SGD with learning rate 1 (so ``new = params - effective_grads``), runs
-one step of each case in its framework and calls :func:`assert_case`; this
-module runs them on the NumPy reference (:func:`reference_step`), the way
-torch's ``OptimizerInfo`` drives its optimizer tests.
-
-Two-dimensional arrays are written in the JAX/Keras kernel layout
-``(in, out)``; :meth:`Case.arrays` transposes them for torch's ``(out, in)``.
+A framework's test runs each case of :data:`safeopt.testing.CASES` through
+its public API (the inner optimizer is plain SGD with learning rate 1, so
+``new = params - effective_gradient``) and returns a :data:`Trace`: after
+every update, a :class:`Snapshot` of the parameters, :func:`safeopt.stats`,
+the telemetry record, every field of safeopt's state and the divergence
+error raised, if any. :func:`check` compares it with the NumPy reference
+(:func:`reference`): exactly for counters, flags and indices, to float32
+tolerance for values; and it checks the case's hand-written expectations,
+which hold the reference itself to account.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from safeopt._decide import init_state, protect
+from safeopt._diagnose import layer_names
+from safeopt._divergence import raise_if_diverged
+from safeopt._errors import DivergenceError
+from safeopt._kernels import Kernels
+from safeopt._pipeline import step
 from safeopt._policy import Policy, load_policy
-from safeopt._registry import summarize
+from safeopt._record import make_record
+from safeopt._registry import read_state
+from safeopt._state import State, flatten, init_state
+from safeopt._summary import check as check_divergence
+from safeopt._summary import summarize
 from safeopt._xp import namespace_by_name
+from safeopt.testing.cases import Case
 
-Arrays = tuple[tuple[Any, ...], ...]
-NAN, INF = math.nan, math.inf
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One conformance case.
-
-    Attributes:
-      name: Test id.
-      policy: Anything :func:`safeopt.load_policy` accepts.
-      params: Parameters, one nested list per tensor.
-      grads: Gradients, same structure.
-      skip: Whether the step must be skipped.
-      effective: The gradient the inner optimizer must see (ignored when
-        skipped).
-      counters: Expected values of some :func:`safeopt.stats` counters after the
-        step.
-      loss: The loss passed to the step, if any.
-    """
-
-    name: str
-    policy: Any
-    params: Arrays
-    grads: Arrays
-    skip: bool
-    effective: Arrays | None = None
-    counters: Mapping[str, int] = dataclasses.field(default_factory=dict)
-    loss: float | None = None
-
-    def arrays(self, which: str, layout: str = "in_out",
-               dtype: Any = np.float32) -> list[np.ndarray]:
-        """Returns ``params``, ``grads`` or ``effective`` as NumPy arrays.
-
-        ``layout="out_in"`` transposes 2-D arrays (torch's weight layout).
-        """
-        data = getattr(self, which)
-        out = [np.asarray(a, dtype=dtype) for a in data]
-        if layout == "out_in":
-            out = [a.T.copy() if a.ndim == 2 else a for a in out]
-        return out
-
-    def expected_params(self, layout: str = "in_out") -> list[np.ndarray]:
-        """The parameters after one SGD(lr=1) step under this case."""
-        params = self.arrays("params", layout)
-        if self.skip:
-            return params
-        return [p - g for p, g in zip(params, self.arrays("effective", layout))]
-
-    @property
-    def unit_axis(self) -> int:
-        """Output-unit axis in the default layout."""
-        return -1
+#: Facts that differ by framework and are not compared.
+_FACTS = ("framework", "path", "decisions", "names", "host_step", "inner", "backend",
+          "iterations", "policy")
 
 
-def _c(name: str, policy: Any, params: Arrays, grads: Arrays, skip: bool = False,
-       effective: Arrays | None = None, counters: Mapping[str, int] | None = None,
-       loss: float | None = None) -> Case:
-    return Case(name, policy, params, grads, skip, effective, dict(counters or {}), loss)
+class Snapshot(NamedTuple):
+    """Everything observable after one update."""
+
+    params: list[np.ndarray]  # in the case's (in, out) layout
+    stats: dict[str, Any]
+    record: dict[str, Any]
+    state: dict[str, Any]  # "feature.field" (per-layer fields: "feature.field[name]")
+    error: str | None  # the first line of the DivergenceError raised at this update
 
 
-#: The cases, described once.
-CASES: tuple[Case, ...] = (
-    _c("global_norm_clipped", {"clip_norm": 1.0},
-       params=((0.0, 0.0), (0.0, 0.0)), grads=((3.0, 0.0), (0.0, 4.0)),
-       effective=((0.6, 0.0), (0.0, 0.8)),
-       counters={"norm_clips": 1, "skips": 0, "steps": 1}),
-    _c("global_norm_below_threshold", {"clip_norm": 10.0},
-       params=((1.0, 1.0), (1.0,)), grads=((3.0, 0.0), (4.0,)),
-       effective=((3.0, 0.0), (4.0,)), counters={"norm_clips": 0, "steps": 1}),
-    _c("per_tensor_norm", {"clip_norm": 1.0, "norm_scope": "per_tensor"},
-       params=((0.0, 0.0), (0.0, 0.0)), grads=((3.0, 4.0), (0.3, 0.4)),
-       effective=((0.6, 0.8), (0.3, 0.4)), counters={"norm_clips": 1}),
-    _c("value_clip", {"clip_norm": None, "clip_value": 0.5},
-       params=((0.0, 0.0, 0.0),), grads=((1.0, -2.0, 0.25),),
-       effective=((0.5, -0.5, 0.25),), counters={"value_clips": 1, "norm_clips": 0}),
-    _c("value_clip_then_norm_clip", {"clip_norm": 0.5, "clip_value": 0.5},
-       params=((0.0, 0.0, 0.0, 0.0),), grads=((1.0, -1.0, 1.0, -1.0),),
-       effective=((0.25, -0.25, 0.25, -0.25),), counters={"value_clips": 1, "norm_clips": 1}),
-    _c("nan_skips", {"clip_norm": 1.0},
-       params=((1.0, 2.0), (3.0,)), grads=((NAN, 0.0), (1.0,)), skip=True,
-       counters={"skips": 1, "nonfinite": 1, "steps": 0, "norm_clips": 0}),
-    _c("inf_skips", {"clip_norm": 1.0, "clip_value": 0.5},
-       params=((1.0, 2.0), (3.0,)), grads=((0.0, 0.0), (-INF,)), skip=True,
-       counters={"skips": 1, "nonfinite": 1, "value_clips": 0}),
-    _c("nan_loss_skips", {"clip_norm": 1.0},
-       params=((1.0,),), grads=((0.5,),), loss=NAN, skip=True, counters={"skips": 1}),
-    _c("nonfinite_applied_when_not_skipping", {"clip_norm": None, "skip_nonfinite": False},
-       params=((1.0, 2.0),), grads=((NAN, 1.0),),
-       effective=((NAN, 1.0),), counters={"skips": 0, "nonfinite": 1, "steps": 1}),
-    _c("l2_penalty", {"clip_norm": None, "l2": 0.5},
-       params=((1.0, 2.0),), grads=((0.1, 0.1),), effective=((1.1, 2.1),)),
-    _c("l1_penalty", {"clip_norm": None, "l1": 0.1},
-       params=((1.0, -2.0, 0.0),), grads=((0.0, 0.0, 0.0),), effective=((0.1, -0.1, 0.0),)),
-    _c("penalty_then_norm_clip", {"clip_norm": 1.0, "l2": 0.5},
-       params=((3.0, 4.0),), grads=((0.0, 0.0),), effective=((0.6, 0.8),),
-       counters={"norm_clips": 1}),
-    _c("unitwise_vector", {"clip_norm": 0.01, "norm_scope": "unitwise"},
-       params=((3.0, 4.0),), grads=((0.3, 0.4),), effective=((0.03, 0.04),),
-       counters={"norm_clips": 1}),
-    _c("unitwise_kernel", {"clip_norm": 0.01, "norm_scope": "unitwise"},
-       params=(((1.0, 0.0), (0.0, 2.0)),), grads=(((0.1, 0.0), (0.0, 0.1)),),
-       effective=(((0.01, 0.0), (0.0, 0.02)),), counters={"norm_clips": 1}),
-    _c("unitwise_below_threshold", {"clip_norm": 1.0, "norm_scope": "unitwise"},
-       params=(((1.0, 0.0), (0.0, 2.0)),), grads=(((0.1, 0.0), (0.0, 0.1)),),
-       effective=(((0.1, 0.0), (0.0, 0.1)),), counters={"norm_clips": 0}),
-    _c("off_passes_nan_through", "off",
-       params=((1.0, 2.0),), grads=((NAN, 100.0),), effective=((NAN, 100.0),)),
-    _c("off_leaves_large_gradients", "off",
-       params=((1.0, 2.0),), grads=((300.0, -400.0),), effective=((300.0, -400.0),)),
-)
-
-
-def reference_step(case: Case) -> tuple[list[np.ndarray], dict[str, Any]]:
-    """Runs ``case`` through the NumPy reference: ``(new_params, stats)``."""
-    xp = namespace_by_name("numpy")
-    policy = load_policy(case.policy)
-    params = case.arrays("params")
-    grads = case.arrays("grads")
-    state = init_state(xp, policy)
-    loss = None if case.loss is None else np.float32(case.loss)
-    new_grads, decision, state = protect(
-        xp, policy, state, grads, params if policy.needs_params else None, loss=loss,
-        unit_axis=case.unit_axis,
-    )
-    if bool(decision.skip):
-        return params, summarize(policy, state)
-    return [p - g for p, g in zip(params, new_grads)], summarize(policy, state)
-
-
-def assert_case(case: Case, new_params: Sequence[Any], stats: Mapping[str, Any] | None = None,
-                layout: str = "in_out", rtol: float = 1e-5, atol: float = 1e-6) -> None:
-    """Asserts that a framework's result for ``case`` is the expected one.
-
-    Args:
-      case: The case that was run.
-      new_params: The parameters after one step, as arrays NumPy can read.
-      stats: :func:`safeopt.stats` of the wrapped optimizer after the step.
-      layout: The layout the framework used (``"out_in"`` for torch).
-      rtol: Relative tolerance.
-      atol: Absolute tolerance.
-    """
-    expected = case.expected_params(layout)
-    assert len(new_params) == len(expected), case.name
-    for got, want in zip(new_params, expected):
-        np.testing.assert_allclose(np.asarray(got, dtype=np.float64), want, rtol=rtol,
-                                   atol=atol, equal_nan=True, err_msg=case.name)
-    for key, value in case.counters.items():
-        assert stats is not None, case.name
-        assert stats[key] == value, f"{case.name}: stats[{key!r}]={stats[key]} != {value}"
+Trace = list[Snapshot]
 
 
 def policy_of(case: Case) -> Policy:
     """The case's policy, validated."""
     return load_policy(case.policy)
+
+
+def snapshot(obj: Any, params: Sequence[Any], error: str | None = None) -> Snapshot:
+    """Reads ``obj`` (a wrapped optimizer or Optax state) through the public API.
+
+    Args:
+      obj: What :func:`safeopt.wrap` returned, or the wrapped Optax state.
+      params: The parameters after the update, in the case's layout.
+      error: The first line of a divergence error raised at this update.
+    """
+    policy, state, extra = read_state(obj)
+    return _snapshot(policy, state, extra, params, error)
+
+
+def _snapshot(policy: Policy, state: State, extra: Mapping[str, Any], params: Sequence[Any],
+              error: str | None) -> Snapshot:
+    names = [str(n) for n in extra.get("names", [])]
+    stats = {k: v for k, v in summarize(policy, state, dict(extra)).items() if k not in _FACTS}
+    record = {k: v for k, v in make_record(policy, state, extra).items() if k not in _FACTS}
+    return Snapshot([np.array(p, dtype=np.float32) for p in params], stats, record,
+                    _by_name(state, names), error)
+
+
+def _by_name(state: State, names: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flatten(state).items():
+        array = np.asarray(value)
+        if key.startswith("monitor.layer_"):
+            for name, v in zip(layer_names(names, array.shape[0]), array):
+                out[f"{key}[{name}]"] = v
+        else:
+            out[key] = array
+    return out
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error message (a diagnosis may follow it)."""
+    return str(err).splitlines()[0]
+
+
+def guarded(update: Callable[[], Any], obj: Callable[[], Any]) -> str | None:
+    """Runs ``update`` then :func:`safeopt.check` on ``obj()``; returns a divergence, if any."""
+    try:
+        update()
+        check_divergence(obj())
+    except DivergenceError as err:
+        return first_line(err)
+    return None
+
+
+def reference(case: Case) -> Trace:
+    """Runs ``case`` through the NumPy reference: the core's step with the default kernels."""
+    policy = policy_of(case)
+    xp = namespace_by_name("numpy")
+    kernels = Kernels(xp)
+    params = case.arrays("params")
+    state = init_state(xp, policy, n_tensors=len(params))
+    trace: Trace = []
+    for update in case.updates:
+        params = case.set_weights(params, update)
+        present = [i for i, g in enumerate(update.grads) if g is not None]
+        grads = [np.asarray(update.grads[i], np.float32) for i in present]
+        loss = None if update.loss is None else np.float32(update.loss)
+        with np.errstate(all="ignore"):
+            out = step(kernels, policy, state, grads, [params[i] for i in present], loss,
+                       positions=present, n_tensors=len(params))
+        state = out.state
+        if not bool(out.decision.skip):
+            for i, g in zip(present, out.grads):
+                params[i] = (params[i] - g).astype(np.float32)
+        extra = {"names": list(case.names)}
+        error = None
+        try:
+            check_divergence_state(policy, state)
+        except DivergenceError as err:
+            error = first_line(err)
+        trace.append(_snapshot(policy, state, extra, [p.copy() for p in params], error))
+    return trace
+
+
+def check_divergence_state(policy: Policy, state: State) -> None:
+    """The divergence check on a host state (what :func:`safeopt.check` runs)."""
+    raise_if_diverged(policy, summarize(policy, state))
+
+
+def check(case: Case, trace: Trace, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Asserts that ``trace`` agrees with the reference and meets the case's expectations."""
+    want = reference(case)
+    assert len(trace) == len(want), f"{case.name}: {len(trace)} updates, want {len(want)}"
+    for i, (got, ref) in enumerate(zip(trace, want)):
+        where = f"{case.name}, update {i}"
+        assert got.error == ref.error, f"{where}: error {got.error!r} != {ref.error!r}"
+        _close(got.params, ref.params, f"{where}, params", rtol, atol)
+        _close(got.stats, ref.stats, f"{where}, stats", rtol, atol)
+        _close(got.record, ref.record, f"{where}, record", rtol, atol)
+        _close_state(got.state, ref.state, f"{where}, state", rtol, atol)
+    expect(case, trace)
+
+
+def expect(case: Case, trace: Trace, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Asserts the case's hand-written expectations on ``trace``."""
+    name = case.name
+    if case.skipped is not None:
+        got = tuple(s.record["consecutive_skips"] > 0 for s in trace)
+        assert got == case.skipped, f"{name}: skipped {got} != {case.skipped}"
+    if case.final is not None:
+        _close(trace[-1].params, case.arrays("final"), f"{name}: final params", rtol, atol)
+    for key, value in case.counters.items():
+        _close(trace[-1].stats[key], value, f"{name}: stats[{key!r}]", rtol, atol)
+    signs = {s["letter"]: s["since"] for s in trace[-1].record["diagnosis"]["signs"]}
+    for letter, since in case.signs.items():
+        assert signs.get(letter) == since, f"{name}: sign ({letter}) since {signs.get(letter)}"
+    if case.clipped is not None:
+        got = tuple(bool(s.record["clipped"]) for s in trace)
+        assert got == case.clipped, f"{name}: clipped {got} != {case.clipped}"
+    if case.diverges_at is not None:
+        first = next((i for i, s in enumerate(trace) if s.error is not None), None)
+        assert first == case.diverges_at, f"{name}: diverged at {first}"
+
+
+def _close_state(got: dict[str, Any], want: dict[str, Any], where: str, rtol: float,
+                 atol: float) -> None:
+    """Compares state fields; a layer a framework never saw must be unseen in the reference."""
+    missing = set(want) - set(got)
+    for key in missing:
+        layer = key[key.index("["):]
+        assert key.startswith("monitor.layer_"), f"{where}: {key} missing"
+        assert int(want[f"monitor.layer_count{layer}"]) == 0, f"{where}: {key} missing"
+    assert not set(got) - set(want), f"{where}: extra fields {sorted(set(got) - set(want))}"
+    for key in want.keys() - missing:
+        _close(got[key], want[key], f"{where}: {key}", rtol, atol)
+
+
+def _close(got: Any, want: Any, where: str, rtol: float, atol: float) -> None:
+    """Exact for ints, bools, strings and None; ``rtol``/``atol`` for floats (NaN == NaN)."""
+    if isinstance(want, Mapping):
+        assert isinstance(got, Mapping), where
+        keys = set(want) - {"evidence", "text"}  # prose: numbers formatted from floats
+        assert set(got) - {"evidence", "text"} == keys, f"{where}: keys {sorted(got)}"
+        for key in keys:
+            _close(got[key], want[key], f"{where}.{key}", rtol, atol)
+        return
+    if isinstance(want, (list, tuple)):
+        assert isinstance(got, (list, tuple)) and len(got) == len(want), f"{where}: {got}"
+        for i, (a, b) in enumerate(zip(got, want)):
+            _close(a, b, f"{where}[{i}]", rtol, atol)
+        return
+    w, g = np.asarray(want), np.asarray(got)
+    if w.dtype.kind == "f" or g.dtype.kind == "f":
+        np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64), rtol=rtol,
+                                   atol=atol, equal_nan=True, err_msg=where)
+    elif want is None or isinstance(want, str):
+        assert got == want, f"{where}: {got!r} != {want!r}"
+    else:
+        np.testing.assert_array_equal(g, w, err_msg=where, strict=False)
+        assert g.shape == w.shape, where

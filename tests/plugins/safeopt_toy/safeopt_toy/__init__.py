@@ -1,4 +1,9 @@
-"""A toy NumPy optimizer and its safeopt adapter: what a third-party plug-in looks like."""
+"""A toy NumPy optimizer and its safeopt adapter: what a third-party plug-in looks like.
+
+It uses only :mod:`safeopt.adapter`: the core's step with the default
+kernels, and the core's divergence check, telemetry and diagnosis, which it
+does not write.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-import safeopt
+import safeopt.adapter as sa
 
 
 class ToySGD:
@@ -16,30 +21,42 @@ class ToySGD:
         self.params = params
         self.lr = lr
 
-    def step(self, grads: list[np.ndarray], loss: float | None = None) -> None:
+    def step(self, grads: list[np.ndarray | None]) -> None:
         for p, g in zip(self.params, grads):
-            p -= self.lr * g
+            if g is not None:
+                p -= self.lr * g
 
 
 class SafeToySGD:
-    """``ToySGD`` protected by a safeopt policy, through the NumPy reference."""
+    """:class:`ToySGD` protected by a safeopt policy."""
 
-    def __init__(self, inner: ToySGD, policy: safeopt.Policy) -> None:
+    def __init__(self, inner: ToySGD, policy: sa.Policy) -> None:
         self.inner = inner
         self.policy = policy
-        self.xp = safeopt.namespace_by_name("numpy")
-        self.state = safeopt.init_state(self.xp, policy)
+        self.kernels = sa.Kernels(sa.namespace_by_name("numpy"))
+        self.state = sa.init_state(self.kernels.xp, policy, n_tensors=len(inner.params))
+        self.steps = 0
 
-    def step(self, grads: list[np.ndarray], loss: float | None = None) -> None:
-        params = self.inner.params if self.policy.needs_params else None
-        value = None if loss is None else np.float32(loss)
-        new, decision, self.state = safeopt.protect(self.xp, self.policy, self.state, grads,
-                                                    params, loss=value)
-        if not bool(decision.skip):  # NumPy: reading the flag costs nothing
+    def step(self, grads: list[np.ndarray | None], loss: float | None = None) -> None:
+        """One protected step (``None``: that parameter has no gradient)."""
+        present = [i for i, g in enumerate(grads) if g is not None]
+        with np.errstate(all="ignore"):
+            out = sa.step(self.kernels, self.policy, self.state, [grads[i] for i in present],
+                          [self.inner.params[i] for i in present],
+                          None if loss is None else np.float32(loss),
+                          positions=present, n_tensors=len(grads))
+        self.state = out.state
+        if not bool(out.decision.skip):  # NumPy: reading the flag costs nothing
+            new: list[np.ndarray | None] = [None] * len(grads)
+            for i, g in zip(present, out.grads):
+                new[i] = g
             self.inner.step(new)
+        self.steps += 1
+        sa.after_step(self, self.steps, self.policy, check=False)
+        sa.raise_if_diverged(self.policy, sa.summarize(self.policy, self.state), self)
 
 
-class ToyAdapter(safeopt.Adapter):
+class ToyAdapter(sa.Adapter):
     """Wraps :class:`ToySGD`."""
 
     name = "toy"
@@ -47,11 +64,12 @@ class ToyAdapter(safeopt.Adapter):
     def accepts(self, optimizer: Any) -> bool:
         return isinstance(optimizer, ToySGD)
 
-    def wrap(self, optimizer: Any, policy: safeopt.Policy) -> SafeToySGD:
+    def wrap(self, optimizer: Any, policy: sa.Policy) -> SafeToySGD:
         return SafeToySGD(optimizer, policy)
 
     def owns(self, obj: Any) -> bool:
         return isinstance(obj, SafeToySGD)
 
-    def read(self, obj: Any) -> tuple[safeopt.Policy, safeopt.PolicyState, dict[str, Any]]:
-        return obj.policy, obj.state, {"path": "numpy"}
+    def read(self, obj: Any) -> tuple[sa.Policy, sa.State, dict[str, Any]]:
+        names = [f"w{i}" for i in range(len(obj.inner.params))]
+        return obj.policy, obj.state, {"path": "numpy", "names": names}

@@ -1,6 +1,6 @@
 """The demo's tasks in Keras 3 (imported only by ``safeopt demo --framework keras``).
 
-The two cases of exploding gradients of ``safeopt._demo_torch``, with the
+The two cases of exploding gradients of ``safeopt_torch.demo``, with the
 same hyper-parameters, as Keras models on whichever backend ``KERAS_BACKEND``
 selects (TensorFlow, JAX or torch):
 
@@ -31,8 +31,8 @@ import numpy as np
 from keras import ops
 
 import safeopt
-from safeopt import _demo_numpy as data
-from safeopt._demo import OnStep, Outcome
+from safeopt_bench import data
+from safeopt_bench.demo import OnStep, Outcome
 
 TASKS: dict[str, str] = {
     "mlp": "deep tanh MLP (12 Dense x 64, init std 1.5/sqrt(fan_in)), regression, "
@@ -209,7 +209,7 @@ def train(task: str, protected: bool, steps: int | None, seed: int,
       on_step: Called with each step's record; returning ``True`` stops.
 
     Returns:
-      The :class:`~safeopt._demo.Outcome`.
+      The :class:`~safeopt_bench.demo.Outcome`.
     """
     with _one_torch_thread():
         return _train(task, protected, STEPS[task] if steps is None else steps, seed, on_step)

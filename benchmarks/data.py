@@ -1,6 +1,6 @@
 """Data and initial weights of the demo's tasks, in NumPy (shared by the JAX and Keras demos).
 
-Both tasks are the ones of ``safeopt._demo_torch`` (see there for the
+Both tasks are the ones of ``safeopt_torch.demo`` (see there for the
 references): a deep tanh MLP with large initial weights regressing targets of
 scale 10, and a vanilla tanh RNN with recurrent weights of spectral radius
 1.5 on the addition problem. Kernels are in the ``(in, out)`` layout of JAX

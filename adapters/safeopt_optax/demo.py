@@ -1,6 +1,6 @@
 """The demo's tasks in JAX and Optax (imported only by ``safeopt demo --framework jax``).
 
-The two cases of exploding gradients of ``safeopt._demo_torch``, with the
+The two cases of exploding gradients of ``safeopt_torch.demo``, with the
 same hyper-parameters, written as pure functions over parameter dicts:
 
 * ``mlp``: a 12-layer tanh MLP with large initial weights (std ``1.5 /
@@ -26,8 +26,8 @@ import numpy as np
 import optax
 
 import safeopt
-from safeopt import _demo_numpy as data
-from safeopt._demo import OnStep, Outcome
+from safeopt_bench import data
+from safeopt_bench.demo import OnStep, Outcome
 
 TASKS: dict[str, str] = {
     "mlp": "deep tanh MLP (12 layers x 64, init std 1.5/sqrt(fan_in)), regression, "
@@ -135,7 +135,7 @@ def train(task: str, protected: bool, steps: int | None, seed: int,
       on_step: Called with each step's record; returning ``True`` stops.
 
     Returns:
-      The :class:`~safeopt._demo.Outcome`.
+      The :class:`~safeopt_bench.demo.Outcome`.
     """
     total = STEPS[task] if steps is None else steps
     params, apply, batches, tx = _task(task, seed)

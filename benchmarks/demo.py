@@ -6,9 +6,11 @@ once with the optimizer wrapped by :func:`safeopt.wrap` (the ``default``
 policy). It prints a side-by-side table, the diagnosis of each run, and writes
 the runs' telemetry (JSON Lines) and the report PNG to ``--out``.
 
-The framework-specific parts (models, data, training loops) live in
-``safeopt._demo_torch``, ``safeopt._demo_jax`` and ``safeopt._demo_keras``;
-each is imported only when the demo runs in that framework.
+The framework-specific parts (models and training loops) live with each
+adapter (``safeopt_torch.demo``, ``safeopt_optax.demo``,
+``safeopt_keras.demo``), which names its demo module in the registry
+(``Adapter.demo``); each is imported only when the demo runs in that
+framework. The data and initial weights come from :mod:`safeopt_bench.data`.
 
 References:
   Pascanu, Mikolov & Bengio (2013), On the difficulty of training recurrent
@@ -27,6 +29,7 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,8 +38,13 @@ from typing import Any, Protocol, TextIO
 
 import numpy as np
 
+import safeopt.adapter as sa
+from safeopt._report import ReportError, render_png
+from safeopt.telemetry import JsonlSink
+
 FRAMEWORKS: tuple[str, ...] = ("torch", "jax", "keras")
 _REQUIRES = {"torch": ("torch",), "jax": ("jax", "optax"), "keras": ("keras",)}
+_ADAPTERS = {"torch": "torch", "jax": "optax", "keras": "keras"}  # entry-point names
 
 #: What a framework module reports after each step: ``step`` (0-based),
 #: ``total`` (steps asked for), ``loss``, ``grad_norm`` (raw global norm),
@@ -69,7 +77,7 @@ class Outcome:
 
 
 class FrameworkDemo(Protocol):
-    """What ``safeopt._demo_<framework>`` provides."""
+    """What an adapter's demo module provides."""
 
     TASKS: dict[str, str]
 
@@ -89,7 +97,7 @@ class RunResult:
       outcome: What the framework module returned.
       raw: Per-step measurements (``loss``, ``grad_norm``, ``weight_norm``).
       records: Per-step telemetry records (the JSON Lines format of
-        :mod:`safeopt._telemetry`).
+        :mod:`safeopt.telemetry`).
       seconds: Wall time of the run.
     """
 
@@ -196,15 +204,36 @@ def framework_installed(name: str) -> bool:
 
 
 def load_framework(name: str) -> FrameworkDemo:
-    """Imports ``safeopt._demo_<name>`` (and with it the framework)."""
+    """Imports the framework and its adapter's demo module (``Adapter.demo``)."""
     if name not in FRAMEWORKS:
         raise ValueError(f"`framework` must be one of {list(FRAMEWORKS)}. Received: "
                          f"framework={name!r}")
     if not framework_installed(name):
         raise RuntimeError(f"The {name} demo needs {' and '.join(_REQUIRES[name])}: "
                            f"pip install 'safeopt[{'jax' if name == 'jax' else name}]'.")
-    module: Any = importlib.import_module(f"safeopt._demo_{name}")
+    for module_name in _REQUIRES[name]:
+        _import_framework(module_name)
+    adapter = sa.adapter_for_framework(_ADAPTERS[name])
+    if adapter is None or adapter.demo is None:
+        raise RuntimeError(f"No installed safeopt adapter for {name} has a demo. Installed "
+                           f"adapters: {sa.installed_adapters()}")
+    module: Any = importlib.import_module(adapter.demo)
     return module
+
+
+def _import_framework(module_name: str) -> None:
+    """Imports a framework, naming ``KERAS_BACKEND`` when Keras lacks its backend."""
+    try:
+        importlib.import_module(module_name)
+    except ImportError as err:
+        if module_name != "keras":
+            raise
+        backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+        raise RuntimeError(
+            f"Keras could not load its backend {backend!r} ({err}). Keras uses the backend "
+            "named by the KERAS_BACKEND environment variable (tensorflow when unset): install "
+            "it (pip install tensorflow-cpu, jax or torch) or set KERAS_BACKEND=jax or "
+            "KERAS_BACKEND=torch.") from None
 
 
 def run_one(demo: FrameworkDemo, task: str, protected: bool, steps: int | None, seed: int,
@@ -249,48 +278,37 @@ def run_one(demo: FrameworkDemo, task: str, protected: bool, steps: int | None, 
 
 
 def _telemetry_record(wrapped: Any, step: int) -> Record:
-    from safeopt._telemetry import record
-
-    return record(wrapped, step)
+    return sa.record(wrapped, step)
 
 
 class Replay:
     """Feeds a bare run's statistics through the core's monitor, in NumPy.
 
-    Each step's raw statistics go through :func:`safeopt.decide` under a
+    Each step's raw statistics go through the core's decision under a
     policy that changes nothing (no clip, no skip), so the bare run gets the
     same signs, records and diagnosis as a wrapped one.
     """
 
     def __init__(self, n_tensors: int) -> None:
-        from safeopt._decide import init_state
-        from safeopt._policy import Policy
-        from safeopt._xp import namespace_by_name
-
-        self.xp = namespace_by_name("numpy")
-        self.policy = Policy(clip_norm=None, skip_nonfinite=False, max_consecutive_skips=None,
-                             monitor_every=1)
-        self.state = init_state(self.xp, self.policy, n_tensors=n_tensors)
+        self.xp = sa.namespace_by_name("numpy")
+        self.policy = sa.Policy(clip_norm=None, skip_nonfinite=False,
+                                max_consecutive_skips=None, monitor_every=1)
+        self.state = sa.init_state(self.xp, self.policy, n_tensors=n_tensors)
 
     def record(self, measured: Record, step: int, names: Sequence[str]) -> Record:
         """Updates the monitor with one step; returns its telemetry record."""
-        from safeopt._decide import GradStats, decide
-        from safeopt._telemetry import make_record
-
-        stats = GradStats(
+        stats = sa.GradStats(
             norm=np.float32(measured["grad_norm"]), raw_norm=np.float32(measured["grad_norm"]),
             loss=np.float32(measured["loss"]), weight_norm=np.float32(measured["weight_norm"]),
             tensor_norms=np.asarray(measured["tensor_norms"], np.float32))
         with np.errstate(all="ignore"):
-            _, self.state = decide(self.xp, self.policy, self.state, stats)
-            return make_record(self.policy, self.state, {"names": list(names)}, step=step,
-                               loss=measured["loss"])
+            _, self.state = sa.decide(self.xp, self.policy, self.state, stats)
+            return sa.make_record(self.policy, self.state, {"names": list(names)}, step=step,
+                                  loss=measured["loss"])
 
     def diagnosis(self, names: Sequence[str]) -> Any:
-        """The :class:`safeopt.Diagnosis` of the steps seen so far."""
-        from safeopt._diagnose import diagnose_state
-
-        return diagnose_state(self.policy, self.state, list(names))
+        """The diagnosis of the steps seen so far."""
+        return sa.diagnose_state(self.policy, self.state, list(names))
 
 
 def run_demo(framework: str | None = None, out: str | Path = "safeopt-demo",
@@ -370,8 +388,6 @@ def diagnosis_text(result: RunResult) -> str:
 # ---------------------------------------------------------------------------
 def write_jsonl(records: Sequence[Record], path: Path) -> Path:
     """Writes telemetry records as JSON Lines (what ``safeopt report`` reads)."""
-    from safeopt._telemetry import JsonlSink
-
     sink = JsonlSink(path, mode="w")
     try:
         for record in records:
@@ -414,8 +430,6 @@ def _json_number(value: float) -> float | str:
 def render_report(records: Sequence[Record], png: Path, title: str,
                   stream: TextIO | None = None) -> Path | None:
     """Renders the four-panel report of ``safeopt report``; ``None`` without matplotlib."""
-    from safeopt._report import ReportError, render_png
-
     try:
         return render_png(records, png, title)
     except ReportError as err:

@@ -1,4 +1,4 @@
-"""Telemetry: throttled records of safeopt's statistics, sent to opt-in sinks.
+"""Telemetry sinks: where safeopt's throttled records go.
 
 Nothing is recorded unless ``policy.log_every > 0``. Then, every
 ``log_every``-th step, :func:`after_step` reads safeopt's state once (one host
@@ -32,13 +32,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
-
-from safeopt._decide import PolicyState
-from safeopt._diagnose import _jsonable, diagnose_state
+from safeopt._diagnose import jsonable
 from safeopt._policy import Policy
 
-_COUNTERS = ("skips", "consecutive_skips", "nonfinite", "norm_clips", "value_clips", "spikes")
+__all__ = ["JsonlSink", "LoggingSink", "Sink", "TensorBoardSink", "add_sink", "close_sinks",
+           "format_record", "remove_sink"]
 
 
 @runtime_checkable
@@ -67,7 +65,7 @@ class JsonlSink:
 
     def write(self, record: dict[str, Any]) -> None:
         """Writes ``record`` as one line and flushes it."""
-        line = json.dumps(_jsonable(record), allow_nan=False)
+        line = json.dumps(jsonable(record), allow_nan=False)
         with self._lock:
             self._file.write(line + "\n")
             self._file.flush()
@@ -161,7 +159,6 @@ def _summary_writer(logdir: str | os.PathLike[str] | None) -> Any:
 # Sink registry.
 # ---------------------------------------------------------------------------
 _SINKS: list[Sink] = []
-_LOGGED: dict[int, int] = {}  # id(obj) -> last step recorded, so that a second call is a no-op
 _CONFIG_SINKS: dict[tuple[str, str], Sink] = {}
 _LOCK = threading.Lock()
 
@@ -226,153 +223,6 @@ def close_sinks() -> None:
             if callable(close):
                 close()
         _CONFIG_SINKS.clear()
-
-
-# ---------------------------------------------------------------------------
-# Records.
-# ---------------------------------------------------------------------------
-def policy_of(obj: Any) -> Policy:
-    """The policy of a wrapped optimizer or Optax state, without a host read when possible."""
-    for candidate in (getattr(obj, "policy", None), getattr(getattr(obj, "info", None),
-                                                            "policy", None)):
-        if isinstance(candidate, Policy):
-            return candidate
-    from safeopt._registry import read_state
-
-    return read_state(obj)[0]
-
-
-def checked_log_every(log_every: int | None) -> int | None:
-    """Validates a callback's ``log_every`` override (``None``: keep the policy's)."""
-    if log_every is not None and (
-        isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1
-    ):
-        raise ValueError(
-            f"`log_every` must be an integer >= 1 or None. Received: log_every={log_every!r}"
-        )
-    return log_every
-
-
-def with_log_every(policy: Policy, log_every: int | None) -> Policy:
-    """``policy`` with a callback's ``log_every`` override applied."""
-    if log_every is None or policy.log_every == log_every:
-        return policy
-    return policy.replace(log_every=log_every)
-
-
-def due(policy: Policy, step: int) -> bool:
-    """Whether ``step`` is a telemetry step of ``policy`` (pure Python, no device)."""
-    return policy.log_every > 0 and step % policy.log_every == 0
-
-
-def after_step(obj: Any, step: int, policy: Policy | None = None, *, loss: Any = None,
-               check: bool = True) -> dict[str, Any] | None:
-    """What an adapter calls once per step: records every ``log_every`` steps.
-
-    Costs one integer test on other steps. On a telemetry step with at least
-    one sink (and not yet recorded for ``obj``: calling it twice for one step
-    writes once), reads the state once, writes the record to every sink and,
-    with ``check``, raises :class:`safeopt.DivergenceError` when the run is
-    diverging (a host boundary where raising is possible).
-
-    Args:
-      obj: The wrapped optimizer (torch, Keras) or the wrapped Optax state.
-      step: The host step counter (1 after the first step).
-      policy: The policy, when the caller has it at hand.
-      loss: A loss the framework has on the host already (Keras ``logs``),
-        recorded when the state has none (the loss was not passed to the step).
-      check: Also raise on divergence.
-
-    Returns:
-      The record written, or ``None`` when nothing was recorded.
-    """
-    policy = policy_of(obj) if policy is None else policy
-    if not due(policy, step):
-        return None
-    sinks = sinks_for(policy)
-    if not sinks or _LOGGED.get(id(obj)) == step:
-        return None
-    if len(_LOGGED) > 1024:
-        _LOGGED.clear()
-    _LOGGED[id(obj)] = step
-    from safeopt._registry import raise_if_diverged, read_state
-
-    policy, state, extra = read_state(obj)
-    rec = make_record(policy, state, extra, step=step, loss=loss)
-    for sink in sinks:
-        sink.write(rec)
-    if check:
-        raise_if_diverged(policy, rec, obj)
-    return rec
-
-
-def record(obj: Any, step: int | None = None) -> dict[str, Any]:
-    """Reads ``obj`` once and returns its record (whatever ``log_every`` says)."""
-    from safeopt._registry import read_state
-
-    policy, state, extra = read_state(obj)
-    return make_record(policy, state, extra, step=step)
-
-
-def make_record(policy: Policy, state: PolicyState, extra: Mapping[str, Any] | None = None,
-                step: int | None = None, loss: Any = None) -> dict[str, Any]:
-    """Builds a record from a host copy of the state (pure).
-
-    Args:
-      policy: The run's policy.
-      state: The state, fields convertible by ``numpy.asarray``.
-      extra: The adapter's ``read`` extra (``names``, ``path``, ``framework``).
-      step: The host step; ``steps + skips`` when ``None``.
-      loss: A host loss that fills in when the state has none (the run did
-        not pass its loss to the step).
-    """
-    extra = dict(extra or {})
-
-    def num(name: str) -> float:
-        return float(np.asarray(getattr(state, name)))
-
-    applied = int(np.asarray(state.steps))
-    counters = {name: int(np.asarray(getattr(state, name))) for name in _COUNTERS}
-    updates = applied + counters["skips"]
-    names = extra.get("names")
-    diagnosis = diagnose_state(policy, state, names)
-    rec: dict[str, Any] = {
-        "step": updates if step is None else int(step),
-        "updates": updates,
-        "applied": applied,
-        **counters,
-        "grad_norm": num("last_norm"),
-        "scale": num("last_scale"),
-        "threshold": num("threshold"),
-        "clipped": num("last_scale") < 1.0,
-        "skipped": counters["consecutive_skips"] > 0,
-        "weight_norm": num("last_weight_norm"),
-        "loss": num("last_loss") if loss is None or math.isfinite(num("last_loss"))
-        else float(loss),
-        "layers": _top_layers(state, diagnosis_names(names, state), policy.log_top_k),
-        "signs": [s.letter for s in diagnosis.active],
-        "diagnosis": diagnosis.to_dict(),
-    }
-    for key in ("framework", "path"):
-        if key in extra:
-            rec[key] = extra[key]
-    return _jsonable(rec)
-
-
-def diagnosis_names(names: Any, state: PolicyState) -> list[str]:
-    """Parameter names matched to the state's per-layer fields (``param{i}`` fallback)."""
-    n = int(np.asarray(state.layer_norm_ema).shape[0])
-    if names is not None and len(names) == n:
-        return [str(x) for x in names]
-    return [f"param{i}" for i in range(n)]
-
-
-def _top_layers(state: PolicyState, names: list[str], k: int) -> dict[str, float]:
-    ema = np.asarray(state.layer_norm_ema, dtype=np.float64)
-    if ema.size == 0:
-        return {}
-    order = np.argsort(-np.nan_to_num(ema, nan=-1.0), kind="stable")[:k]
-    return {names[i]: float(ema[i]) for i in order}
 
 
 def format_record(rec: Mapping[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""The demo's tasks in PyTorch (imported only by ``safeopt demo --framework torch``).
+"""``safeopt demo --framework torch``: the demo's tasks trained in PyTorch.
 
 Two cases of exploding gradients from the literature, each trained with plain
 SGD and the same hyper-parameters whether bare or wrapped:
@@ -22,7 +22,15 @@ import torch
 from torch import Tensor, nn
 
 import safeopt
-from safeopt._demo import OnStep, Outcome
+from safeopt_bench.demo import OnStep, Outcome
+from safeopt_bench.tasks_torch import (
+    VanillaRNN,
+    addition_data,
+    deep_mlp,
+    regression_data,
+    sample,
+    stream,
+)
 
 TASKS: dict[str, str] = {
     "mlp": "deep tanh MLP (12 layers x 64, init std 1.5/sqrt(fan_in)), regression, "
@@ -32,83 +40,6 @@ TASKS: dict[str, str] = {
 }
 STEPS: dict[str, int] = {"mlp": 300, "rnn": 300}
 POLICY = "default"
-_IN = 20
-
-
-# ---------------------------------------------------------------------------
-# Data.
-# ---------------------------------------------------------------------------
-def regression_data(n: int, gen: torch.Generator, scale: float = 10.0,
-                    ) -> tuple[Tensor, Tensor]:
-    """``y = scale * tanh(2 x.w / sqrt(d)) + noise``: a smooth target of scale 10."""
-    x = torch.randn(n, _IN, generator=gen)
-    w = torch.randn(_IN, 1, generator=torch.Generator().manual_seed(1234))
-    y = torch.tanh(2.0 * (x @ w) / math.sqrt(_IN)) * scale
-    return x, y + 0.1 * scale * torch.randn(n, 1, generator=gen)
-
-
-def addition_data(n: int, length: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """The addition problem (Hochreiter & Schmidhuber, 1997; Pascanu et al., 2013).
-
-    Each step carries a value in [0, 1] and a marker; two steps are marked,
-    one in the first 10% of the sequence and one before the middle; the target
-    is the sum of the two marked values.
-    """
-    values = torch.rand(n, length, generator=gen)
-    marks = torch.zeros(n, length)
-    rows = torch.arange(n)
-    first = torch.randint(0, max(length // 10, 1), (n,), generator=gen)
-    second = torch.randint(max(length // 10, 1), length // 2, (n,), generator=gen)
-    marks[rows, first] = 1.0
-    marks[rows, second] = 1.0
-    return torch.stack([values, marks], -1), (values * marks).sum(1, keepdim=True)
-
-
-# ---------------------------------------------------------------------------
-# Models.
-# ---------------------------------------------------------------------------
-def deep_mlp(depth: int = 12, width: int = 64, gain: float = 1.5) -> nn.Sequential:
-    """A deep tanh MLP with large initial weights (std ``gain / sqrt(fan_in)``)."""
-    layers: list[nn.Module] = []
-    fan_in = _IN
-    for _ in range(depth):
-        layers += [_linear(fan_in, width, gain), nn.Tanh()]
-        fan_in = width
-    layers.append(_linear(fan_in, 1, gain))
-    return nn.Sequential(*layers)
-
-
-def _linear(n_in: int, n_out: int, gain: float) -> nn.Linear:
-    layer = nn.Linear(n_in, n_out)
-    nn.init.normal_(layer.weight, 0.0, gain / math.sqrt(n_in))
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
-class VanillaRNN(nn.Module):
-    """A tanh RNN read out from its last hidden state.
-
-    The recurrent matrix is Gaussian rescaled to spectral radius ``rho``;
-    above 1 back-propagation through time can explode (Pascanu et al., 2013).
-    """
-
-    def __init__(self, n_in: int, n_out: int, hidden: int = 50, rho: float = 1.5) -> None:
-        super().__init__()
-        self.rnn = nn.RNN(n_in, hidden, batch_first=True, nonlinearity="tanh")
-        self.out = nn.Linear(hidden, n_out)
-        with torch.no_grad():
-            w = torch.randn(hidden, hidden) / math.sqrt(hidden)
-            rnn: Any = self.rnn
-            rnn.weight_hh_l0.copy_(w * (rho / torch.linalg.eigvals(w).abs().max()))
-            rnn.weight_ih_l0.normal_(0.0, 0.1)
-            rnn.bias_hh_l0.zero_()
-            rnn.bias_ih_l0.zero_()
-            self.out.weight.normal_(0.0, 0.1)
-            self.out.bias.zero_()
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Returns the read-out of the last hidden state."""
-        return self.out(self.rnn(x)[0][:, -1])
 
 
 # ---------------------------------------------------------------------------
@@ -126,12 +57,12 @@ class _Setup:
         if task == "mlp":
             self.model: nn.Module = deep_mlp()
             x, y = regression_data(4096, self.gen)
-            self.batches: Iterator[tuple[Tensor, Tensor]] = _sample(x, y, 64, self.gen)
+            self.batches: Iterator[tuple[Tensor, Tensor]] = sample(x, y, 64, self.gen)
             self.eval_data = regression_data(2048, self.fresh)
             self.make_opt = lambda params: torch.optim.SGD(params, lr=0.03, momentum=0.9)
         elif task == "rnn":
             self.model = VanillaRNN(2, 1, hidden=50, rho=1.5)
-            self.batches = _stream(lambda: addition_data(20, 100, self.gen))
+            self.batches = stream(lambda: addition_data(20, 100, self.gen))
             self.eval_data = addition_data(1000, 100, self.fresh)
             self.make_opt = lambda params: torch.optim.SGD(params, lr=0.1)
             self.accuracy = _addition_accuracy
@@ -145,18 +76,6 @@ class _Setup:
             loss = float(self.loss_fn(out, y))
             acc = None if self.accuracy is None else self.accuracy(out, y)
         return loss, acc
-
-
-def _sample(x: Tensor, y: Tensor, batch: int, gen: torch.Generator,
-            ) -> Iterator[tuple[Tensor, Tensor]]:
-    while True:
-        idx = torch.randint(0, x.shape[0], (batch,), generator=gen)
-        yield x[idx], y[idx]
-
-
-def _stream(make: Callable[[], tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
-    while True:
-        yield make()
 
 
 def _addition_accuracy(out: Tensor, y: Tensor) -> float:
@@ -176,7 +95,7 @@ def train(task: str, protected: bool, steps: int | None, seed: int,
       on_step: Called with each step's record; returning ``True`` stops.
 
     Returns:
-      The :class:`~safeopt._demo.Outcome`.
+      The :class:`~safeopt_bench.demo.Outcome`.
     """
     threads = torch.get_num_threads()
     # The models are tiny: one thread is fastest and does not fight other work.
@@ -224,6 +143,4 @@ def _norm(params: Sequence[Tensor]) -> float:
 
 
 def _diagnose(opt: Any) -> Any:
-    from safeopt._diagnose import diagnose
-
-    return diagnose(opt)
+    return safeopt.diagnose(opt)
