@@ -148,7 +148,7 @@ def decompose(total: int = 10_000_000, n_tensors: int = 10, rounds: int = 60,
     step), and the wrapped step without and with clipping. What the wrapper
     adds beyond ``norm+step`` is the decision and its Python.
     """
-    from safeopt_torch import _stats
+    from safeopt_torch import _kernels
 
     sizes = split_sizes(total, n_tensors)
 
@@ -168,7 +168,7 @@ def decompose(total: int = 10_000_000, n_tensors: int = 10, rounds: int = 60,
         read.step()
 
     def norm_step() -> None:
-        _stats._cpu_norms([p.grad for p in norm_params])  # type: ignore[misc]
+        _kernels._cpu_norms([p.grad for p in norm_params])  # type: ignore[misc]
         norm.step()
 
     medians = interleaved({"bare": bare.step, "read+step": read_step, "norm+step": norm_step,

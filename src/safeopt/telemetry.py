@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -102,9 +101,9 @@ class LoggingSink:
 class TensorBoardSink:
     """Writes scalars to TensorBoard event files.
 
-    Uses ``torch.utils.tensorboard.SummaryWriter`` when torch is imported
-    and the ``tensorboard`` package is installed, else ``tensorboardX``; or
-    any writer with ``add_scalar(tag, value, step)`` that you pass.
+    Uses ``tensorboardX.SummaryWriter`` (``pip install tensorboardX``: no
+    framework needed), or any writer with ``add_scalar(tag, value, step)``
+    that you pass, such as ``torch.utils.tensorboard.SummaryWriter``.
 
     Args:
       logdir: Directory of the event files.
@@ -135,24 +134,13 @@ class TensorBoardSink:
 
 
 def _summary_writer(logdir: str | os.PathLike[str] | None) -> Any:
-    errors = []
-    if "torch" in sys.modules:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            return SummaryWriter(log_dir=None if logdir is None else os.fspath(logdir))
-        except ImportError as err:
-            errors.append(f"torch.utils.tensorboard: {err}")
     try:
-        from tensorboardX import SummaryWriter as XWriter
-
-        return XWriter(logdir=None if logdir is None else os.fspath(logdir))
+        from tensorboardX import SummaryWriter
     except ImportError as err:
-        errors.append(f"tensorboardX: {err}")
-    raise ImportError(
-        "`log_tensorboard` needs a TensorBoard writer: pip install tensorboard (with torch) "
-        f"or tensorboardX, or pass writer=... ({'; '.join(errors)})"
-    )
+        raise ImportError(
+            "`log_tensorboard` needs a TensorBoard writer: pip install tensorboardX, or pass "
+            f"TensorBoardSink(writer=...) any object with add_scalar ({err})") from None
+    return SummaryWriter(logdir=None if logdir is None else os.fspath(logdir))
 
 
 # ---------------------------------------------------------------------------

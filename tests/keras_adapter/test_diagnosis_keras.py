@@ -12,7 +12,7 @@ keras = pytest.importorskip("keras")
 
 import safeopt  # noqa: E402
 import safeopt_keras  # noqa: E402
-from safeopt import _telemetry  # noqa: E402
+from safeopt import telemetry as _telemetry  # noqa: E402
 from safeopt_keras.callbacks import SafeoptTelemetry  # noqa: E402
 
 BATCH = 8

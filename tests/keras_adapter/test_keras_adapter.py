@@ -19,6 +19,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 import safeopt  # noqa: E402
+import safeopt.adapter as sa  # noqa: E402
 import safeopt_keras  # noqa: E402
 from safeopt.testing import CASES, Trace, check, guarded, snapshot  # noqa: E402
 
@@ -69,8 +70,8 @@ def _numpy(values: Sequence[Any]) -> list[np.ndarray]:
 
 
 def _state(opt: Any) -> dict[str, np.ndarray]:
-    _, state, _ = safeopt.read_state(opt)
-    return {f: np.asarray(v) for f, v in state._asdict().items()}
+    _, state, _ = sa.read_state(opt)
+    return {f: np.asarray(v) for f, v in sa.flatten(state).items()}
 
 
 def _assert_bit_equal(got: Sequence[np.ndarray], want: Sequence[np.ndarray], what: str) -> None:
@@ -194,11 +195,12 @@ def test_conformance_compiled(case: Any) -> None:
 # ---------------------------------------------------------------------------
 # A skipped step never happened.
 # ---------------------------------------------------------------------------
-# safeopt's statistics that a skipped step leaves bit-identical. (Monitor fields that
-# hold call indices, which count skipped calls too, legitimately differ.)
-_STATISTICS = ("steps", "norm_clips", "value_clips", "last_norm", "last_scale", "threshold",
-               "last_weight_norm", "ema_mean", "ema_var", "norm_history", "layer_norm_ema",
-               "layer_over_frac")
+# safeopt's statistics that a skipped step leaves bit-identical. (Fields that hold update
+# indices, and the weight norm, whose cadence counts skipped updates too, legitimately
+# differ from a run that never saw the skipped batches.)
+_STATISTICS = ("counters.steps", "counters.norm_clips", "counters.value_clips",
+               "counters.last_norm", "counters.last_scale", "counters.threshold",
+               "monitor.layer_norm_ema", "monitor.layer_over_frac", "monitor.layer_count")
 
 
 def test_nonfinite_batches_in_fit_equal_a_run_without_them() -> None:
@@ -350,10 +352,10 @@ def test_monitor_statistics_and_names() -> None:
     model = _mlp()
     opt = safeopt.wrap(keras.optimizers.SGD(0.01), {"clip_norm": 1.0, "monitor_every": 3})
     _fit(model, opt, x, y, list(range(7)))
-    _, state, extra = safeopt.read_state(opt)
+    _, state, extra = sa.read_state(opt)
     assert extra["names"] == [v.path for v in model.trainable_variables]
     assert extra["path"] == f"{BACKEND}-cond"
-    norms = np.asarray(state.layer_norm_ema)
+    norms = np.asarray(state.monitor.layer_norm_ema)
     assert norms.shape == (len(model.trainable_variables),)
     assert (norms > 0).all()
     # Weight norm gathered on applied step 6 (steps 0, 3, 6 are monitor steps),
@@ -431,5 +433,6 @@ def test_gradients_for_a_subset_of_the_variables() -> None:
     opt.apply_gradients([(keras.ops.ones((3,)), b)])
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), np.ones(2, F32))
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(b), np.zeros(3, F32))
-    _, state, _ = safeopt.read_state(opt)
-    assert np.asarray(state.layer_norm_ema).shape == (2,)
+    _, state, _ = sa.read_state(opt)
+    assert np.asarray(state.monitor.layer_norm_ema).shape == (2,)
+    assert np.asarray(state.monitor.layer_count).tolist() == [0, 1]  # a had no gradient

@@ -12,7 +12,7 @@ optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 
 import safeopt  # noqa: E402
-from safeopt import _telemetry  # noqa: E402
+from safeopt import telemetry as _telemetry  # noqa: E402
 
 
 def _params() -> dict:
@@ -89,7 +89,8 @@ def test_diagnosis_names_leaves_and_telemetry_from_a_jitted_loop(tmp_path) -> No
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in records] == [5, 10, 15, 20]
     assert records[-1]["loss"] is not None and len(records[-1]["layers"]) == 2
-    assert set(records[-1]["layers"]) <= {"['hidden']['bias']", "['hidden']['kernel']",
-                                          "['out']['bias']", "['out']['kernel']"}
+    # JAX key paths read as folders
+    assert set(records[-1]["layers"]) <= {"hidden/bias", "hidden/kernel", "out/bias",
+                                          "out/kernel"}
     diagnosis = safeopt.diagnose(state)
     assert diagnosis.updates == 20 and not diagnosis.fired("nonfinite")

@@ -127,7 +127,7 @@ def test_ten_nan_steps_raise_on_the_fifth_skip_with_diagnosis() -> None:
 
 def test_report_from_a_real_wrapped_run(tmp_path, capsys) -> None:
     pytest.importorskip("matplotlib")
-    from safeopt import _telemetry
+    from safeopt import telemetry as _telemetry
     from safeopt.cli import main
 
     log = tmp_path / "run.jsonl"
@@ -154,7 +154,7 @@ def test_report_from_a_real_wrapped_run(tmp_path, capsys) -> None:
 
 
 def test_lightning_callback_with_a_fake_trainer(tmp_path) -> None:
-    from safeopt import _telemetry
+    from safeopt import telemetry as _telemetry
     from safeopt_torch.lightning import SafeoptLightningCallback
 
     records: list[dict] = []
@@ -188,7 +188,7 @@ def test_lightning_callback_with_a_fake_trainer(tmp_path) -> None:
             trainer.global_step = step
             callback.on_train_batch_end(trainer, None, {"loss": loss}, None, step - 1)
     finally:
-        safeopt.remove_sink(sink)
+        _telemetry.remove_sink(sink)
         _telemetry.close_sinks()
     assert [r["step"] for r in records] == [3, 6, 9]
     assert records[-1]["applied"] == 9 and records[-1]["loss"] is not None

@@ -11,6 +11,7 @@ import torch
 from torch_helpers import OPTIMIZERS, assert_same_params, assert_same_state, batches, model
 
 import safeopt
+import safeopt.adapter as sa
 from safeopt_torch import SafeOptimizer
 
 POLICIES = {
@@ -52,7 +53,7 @@ def test_host_and_device_decisions_give_the_same_run(name: str, kw: dict, policy
     _, host_state, host_extra = host.read()
     _, dev_state, dev_extra = dev.read()
     assert (host_extra["decisions"], dev_extra["decisions"]) == ("host", "device")
-    for field, a, b in zip(host_state._fields, host_state, dev_state):
+    for (field, a), b in zip(sa.flatten(host_state).items(), sa.flatten(dev_state).values()):
         assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), field
     stats = safeopt.stats(host)
     assert stats["skips"] >= 2 and stats["steps"] >= 10
@@ -109,7 +110,8 @@ def test_checkpoints_move_between_host_and_device_decisions() -> None:
     back = SafeOptimizer(torch.optim.AdamW(net.parameters(), lr=1e-2, fused=True),
                          safeopt.Policy(), decide_on="host")
     back.load_state_dict(dev.state_dict())
-    for field, a, b in zip(host.read()[1]._fields, host.read()[1], back.read()[1]):
+    for (field, a), b in zip(sa.flatten(host.read()[1]).items(),
+                             sa.flatten(back.read()[1]).values()):
         assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), field
 
 
@@ -120,19 +122,19 @@ def test_decide_on_is_checked() -> None:
 
 
 def test_cpu_norms_match_the_foreach_norms() -> None:
-    from safeopt_torch import _stats
+    from safeopt_torch import _kernels
 
     gen = torch.Generator().manual_seed(0)
     big = torch.randn(300, 400, generator=gen)  # 120k elements: the dot-product kernel
     tensors = [big, torch.randn(7, generator=gen), big.t(),  # non-contiguous: foreach
                torch.randn(1 << 17, generator=gen) * 1e-3,
                torch.full((1 << 16,), math.inf), torch.zeros(1 << 16)]
-    got = _stats._cpu_norms(tensors)
+    got = _kernels._cpu_norms(tensors)
     want = torch.stack([torch.linalg.vector_norm(t.double()).float() for t in tensors])
     assert got.dtype == torch.float32 and got.shape == (len(tensors),)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0)
     doubles = [t.double() for t in tensors[:2]]
-    torch.testing.assert_close(_stats._cpu_norms(doubles), want[:2], rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(_kernels._cpu_norms(doubles), want[:2], rtol=1e-6, atol=0.0)
 
 
 def test_pickled_wrapper_continues_the_same_run() -> None:
