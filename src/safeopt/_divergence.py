@@ -6,7 +6,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from safeopt._diagnose import Diagnosis, diagnose
+from safeopt._diagnose import diagnose
+from safeopt._diagnosis import Diagnosis
 from safeopt._errors import DivergenceError
 from safeopt._policy import Policy
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from safeopt._diagnose import diagnose_state, jsonable, layer_names
+from safeopt._diagnose import diagnose_state, layer_names
+from safeopt._diagnosis import jsonable
 from safeopt._divergence import raise_if_diverged
 from safeopt._policy import Policy
 from safeopt._registry import read_state

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from safeopt._policy import Policy
 
 if TYPE_CHECKING:
-    from safeopt._diagnose import Sign
+    from safeopt._diagnosis import Sign
 
 _RECURRENT = ("rnn", "recurrent", "weight_hh", "hh_", "lstm", "gru", "cell")
 _GATED = ("lstm", "gru")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from safeopt._diagnose import Diagnosis
+from safeopt._diagnosis import Diagnosis
 
 
 class ReportError(ValueError):

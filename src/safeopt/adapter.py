@@ -11,7 +11,8 @@ adapter in a few dozen lines; :mod:`safeopt.testing` is the conformance
 suite every adapter runs.
 """
 
-from safeopt._diagnose import Diagnosis, diagnose_state, layer_names
+from safeopt._diagnose import diagnose_state, layer_names
+from safeopt._diagnosis import Diagnosis
 from safeopt._divergence import raise_if_diverged
 from safeopt._features.base import EMPTY, Empty
 from safeopt._features.scope import clip_scale, inverse_scale, unit_scale

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from safeopt._diagnose import jsonable
+from safeopt._diagnosis import jsonable
 from safeopt._policy import Policy
 
 __all__ = ["JsonlSink", "LoggingSink", "Sink", "TensorBoardSink", "add_sink", "close_sinks",

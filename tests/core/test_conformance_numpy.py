@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 import safeopt
+from safeopt._features.scope import LOCAL
+from safeopt._specs import NORM_SCOPES
 from safeopt.testing import CASES, Case, Trace, check, expect, guarded, reference, snapshot
 
 safeopt_toy = pytest.importorskip("safeopt_toy", reason="the toy plug-in distribution")
@@ -43,7 +45,7 @@ def test_cases_cover_every_action_and_observable() -> None:
     assert {"clip_norm", "norm_scope", "clip_value", "skip_nonfinite", "l1", "l2", "off",
             "adaptive", "spike_skip", "penalty_when", "monitor_every"} <= keys
     scopes = {c.policy.get("norm_scope", "global") for c in CASES if isinstance(c.policy, dict)}
-    assert scopes == {"global", "per_tensor", "unitwise"}
+    assert scopes == set(NORM_SCOPES) == {"global", *LOCAL}  # every scope has its rows
     needs = set().union(*(c.needs for c in CASES))
     assert {"no_grad", "no_grad_sometimes", "weights", "loss"} <= needs
     assert any(c.skipped and any(c.skipped) for c in CASES)

@@ -9,7 +9,7 @@ import pytest
 
 import safeopt.adapter as sa
 from safeopt import Policy
-from safeopt._diagnose import Diagnosis
+from safeopt._diagnosis import Diagnosis
 from safeopt._remedies import remedies_for
 from safeopt.adapter import GradStats, decide, diagnose_state, init_state
 

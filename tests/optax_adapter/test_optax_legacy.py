@@ -29,7 +29,7 @@ def test_a_0_1_state_loads_and_training_goes_on() -> None:
     for key in ("last_norm", "last_scale", "threshold", "last_loss", "last_weight_norm"):
         assert stats[key] == pytest.approx(want[key]), key
     grads = jax.tree.map(jnp.ones_like, params)
-    updates, state = jax.jit(tx.update)(grads, state, params, value=jnp.float32(1.0))
+    _, state = jax.jit(tx.update)(grads, state, params, value=jnp.float32(1.0))
     assert safeopt.stats(state)["steps"] == want["steps"] + 1
 
 
