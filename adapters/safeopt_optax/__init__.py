@@ -135,7 +135,7 @@ class JaxKernels(sa.Kernels):
         return jax.lax.cond(pred, compute, lambda: jnp.asarray(otherwise, jnp.float32))
 
 
-def safe_transform(inner: Any, policy: safeopt.PolicyLike = None,
+def safe_transform(inner: Any, policy: sa.PolicyLike = None,
                    ) -> SafeTransformation:
     """Wraps ``inner`` so that every update follows ``policy``.
 

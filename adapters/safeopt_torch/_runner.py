@@ -159,8 +159,7 @@ class Runner:
         decision, new = sa.decide(k.xp, policy, self.state, stats)
         if amp_inf is not None:  # an AMP overflow is the scaler's, not a safeopt skip
             overflow = amp_inf.to(self.device) > 0
-            new = sa.State(*(type(n)(*(torch.where(overflow, a, b) for a, b in zip(o, n)))
-                             for o, n in zip(self.state, new)))
+            new = sa.map_state(lambda a, b: torch.where(overflow, a, b), self.state, new)
         self.updates += 1
         if fused and inner_ready:
             return self._fused(decision, stats, new, inner_step, amp_scale, amp_inf)

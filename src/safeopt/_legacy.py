@@ -46,14 +46,14 @@ def is_legacy(flat: Mapping[str, Any]) -> bool:
     return "steps" in flat and "counters.steps" not in flat
 
 
-def upgrade(old: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def upgrade(old: Mapping[str, Any]) -> dict[str, Any]:
     """A 0.1 state as ``{"feature.field": array}`` (the keys :func:`flatten` makes).
 
     Keys of features the new policy does not use are ignored by
     :func:`safeopt._state.unflatten`, as are buffers whose size differs.
     """
     host = {name: np.asarray(value) for name, value in old.items()}
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, Any] = {}
     for feature, names in _SAME.items():
         for name in names:
             if name in host:

@@ -53,7 +53,7 @@ def init_state(xp: Namespace, policy: Policy, n_tensors: int = 0,
 
 def keep_on_skip(xp: Namespace, old: State, new: State, apply: Array) -> State:
     """``new`` where ``apply``, else ``old``, except each feature's ``SKIPPABLE`` fields."""
-    parts = []
+    parts: list[Any] = []
     for module, was, now in zip(FEATURES.values(), old, new):
         if not now._fields:
             parts.append(now)
@@ -80,7 +80,7 @@ def unflatten(template: State, flat: Mapping[str, Any],
     template's (a resized buffer), keeps the template's value. ``convert``
     turns a loaded value into the template's kind of array.
     """
-    parts = []
+    parts: list[Any] = []
     for name, part in zip(State._fields, template):
         fields = []
         for field, current in zip(part._fields, part):
@@ -93,6 +93,8 @@ def unflatten(template: State, flat: Mapping[str, Any],
     return State(*parts)
 
 
-def map_state(fn: Callable[[Array], Array], state: State) -> State:
-    """``fn`` applied to every array of ``state``."""
-    return State(*(type(part)(*(fn(v) for v in part)) for part in state))
+def map_state(fn: Callable[..., Array], state: State, *others: State) -> State:
+    """``fn`` applied to every array of ``state`` (with the matching arrays of ``others``)."""
+    parts: list[Any] = [type(part)(*(fn(*values) for values in zip(part, *more)))
+                        for part, *more in zip(state, *others)]
+    return State(*parts)
