@@ -13,11 +13,12 @@ decision on one of two paths, reported by ``safeopt.stats(opt)["path"]``:
   moments alone and rolls its step counter back), the way
   ``torch.amp.GradScaler`` drives these kernels. The protected step reads the
   gradients once more than a bare step (the foreach norm) and never waits for
-  the device. The divergence guard reads ``consecutive_skips`` without
-  blocking: on CPU right after the step; on an accelerator the counter is
-  copied to pinned host memory and read at the start of a later step, once
-  the copy has landed (usually the next one), so
-  :class:`safeopt.DivergenceError` may come one step late there. While the
+  the device. The divergence guard copies the skip streak to pinned host
+  memory every step without blocking and reads the copy made
+  :data:`~safeopt_torch._watch.LAG` (2) steps earlier, so on an accelerator
+  :class:`safeopt.DivergenceError` comes exactly two steps after the step
+  that reached ``max_consecutive_skips``, on every rank alike (on CPU at
+  once); see :mod:`safeopt_torch._watch`. While the
   inner optimizer has not created its state yet (its first step), the step
   takes the ``"foreach"`` path once, because a kernel-level skip cannot undo
   lazily created state (e.g. fused SGD's first momentum buffer); an inner
@@ -285,17 +286,15 @@ class SafeOptimizer(torch.optim.Optimizer):
 
         Raises:
           safeopt.DivergenceError: ``max_consecutive_skips`` steps in a row
-            were skipped (on the fused path on an accelerator, possibly one
-            step later).
+            were skipped: at that step, or, on the fused path on an
+            accelerator, exactly :data:`safeopt_torch._watch.LAG` steps later
+            (the step never waits for the device), on every rank alike.
         """
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
                 closure_loss = closure()
         policy = self.policy
-        waited = self._run.watch.poll()
-        if waited is not None:
-            sa.raise_if_diverged(policy, {"consecutive_skips": waited}, self)
         given = loss if loss is not None else closure_loss
         amp_scale, amp_inf = self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
         streak = self._run.step(self._inner_step, self._fused, self._inner_ready, given,
@@ -303,9 +302,9 @@ class SafeOptimizer(torch.optim.Optimizer):
         self._host_step += 1
         if policy.log_every:  # one host read every log_every steps, else nothing
             sa.after_step(self, self._host_step, policy, check=False)
-        if streak is not None and policy.max_consecutive_skips is not None \
-                and streak >= policy.max_consecutive_skips:
-            sa.raise_if_diverged(policy, sa.summarize(policy, self._run.host_state()), self)
+        if streak is not None:
+            sa.raise_if_diverged(policy, {"consecutive_skips": streak[0],
+                                          "streak_nonfinite": streak[1]}, self)
         return closure_loss
 
     def _inner_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:

@@ -35,7 +35,7 @@ import safeopt.adapter as sa
 from safeopt import Policy
 from safeopt_torch import _batch
 from safeopt_torch._kernels import IndexCache, TorchKernels
-from safeopt_torch._watch import HostWatch
+from safeopt_torch._watch import StreakWatch
 
 
 def _host(value: Any) -> Any:
@@ -69,7 +69,7 @@ class Runner:
         self.on_host = on_host
         self.device = device
         self.cache: IndexCache = {}
-        self.watch = HostWatch()
+        self.watch = StreakWatch()
         self.updates = 0  # host mirror of steps + skips: the monitor's cadence
         self.n_tensors = _n_tensors(inner)
         self.state = self.fresh_state()
@@ -128,8 +128,14 @@ class Runner:
 
     # -- the step ----------------------------------------------------------------------
     def step(self, inner_step: Any, fused: bool, inner_ready: bool, loss: Any,
-             amp_scale: Tensor | None, amp_inf: Tensor | None) -> int | None:
-        """Runs one protected step; returns the skip streak when it was read, else ``None``.
+             amp_scale: Tensor | None, amp_inf: Tensor | None) -> tuple[int, int] | None:
+        """Runs one protected step.
+
+        Returns:
+          The skip streak and how many of its skips carried NaN/Inf, as read
+          this step (on the fused path on an accelerator, the streak of
+          :data:`~safeopt_torch._watch.LAG` steps ago); ``None`` when nothing
+          was read (a policy that cannot skip or stop reads nothing).
 
         Args:
           inner_step: Runs the inner optimizer's step: ``inner_step(grad_scale, found_inf)``.
@@ -166,7 +172,8 @@ class Runner:
         return self._sync(k, grads, decision, stats, new, inner_step, fused, amp_scale, amp_inf)
 
     def _host(self, k: TorchKernels, grads: list[Tensor], stats: sa.GradStats, inner_step: Any,
-              fused: bool, amp_scale: Tensor | None, amp_inf: Tensor | None) -> int | None:
+              fused: bool, amp_scale: Tensor | None,
+              amp_inf: Tensor | None) -> tuple[int, int] | None:
         """Decides on the host and applies the decision by branching (CPU)."""
         host_stats = sa.GradStats(*(_host(v) for v in stats))
         with np.errstate(all="ignore"):
@@ -186,10 +193,11 @@ class Runner:
                 if clipped:
                     k.scale(grads, torch.tensor(decision.scale))
                 inner_step(None, None)
-        return int(new.counters.consecutive_skips)
+        return int(new.counters.consecutive_skips), int(new.counters.streak_nonfinite)
 
     def _fused(self, decision: sa.Decision, stats: sa.GradStats, new: sa.State,
-               inner_step: Any, amp_scale: Tensor | None, amp_inf: Tensor | None) -> int | None:
+               inner_step: Any, amp_scale: Tensor | None,
+               amp_inf: Tensor | None) -> tuple[int, int] | None:
         """Hands scale and skip to the fused kernel: no host synchronisation."""
         xp = sa.namespace_by_name("torch")
         found_inf = xp.astype(decision.skip, torch.float32) if _can_skip(self.policy) else None
@@ -202,11 +210,14 @@ class Runner:
                                    decision.clipped)
         inner_step(_grad_scale(inv, amp_scale, self.device), found_inf)
         self.state = new
-        return self.watch.push(new.counters.consecutive_skips)
+        if self.policy.max_consecutive_skips is None or not _can_skip(self.policy):
+            return None
+        c = new.counters
+        return self.watch.push(torch.stack([c.consecutive_skips, c.streak_nonfinite]))
 
     def _sync(self, k: TorchKernels, grads: list[Tensor], decision: sa.Decision,
               stats: sa.GradStats, new: sa.State, inner_step: Any, fused: bool,
-              amp_scale: Tensor | None, amp_inf: Tensor | None) -> int | None:
+              amp_scale: Tensor | None, amp_inf: Tensor | None) -> tuple[int, int] | None:
         """Reads skip, streak and clip flag in one transfer; skips by not stepping.
 
         A policy that can never skip reads nothing: the global clip multiply
@@ -217,15 +228,13 @@ class Runner:
         if not _can_skip(self.policy) and amp_inf is None:
             self._apply(k, grads, decision, stats, inner_step, fused, amp_scale, global_clip)
             return None
-        overflow = torch.zeros((), dtype=torch.int32, device=self.device) if amp_inf is None \
-            else (amp_inf.to(self.device) > 0).to(torch.int32)
-        flags = torch.stack([decision.skip.to(torch.int32), new.counters.consecutive_skips,
-                             decision.clipped.to(torch.int32), overflow]).tolist()
-        skip, streak, clipped, amp_overflow = (int(v) for v in flags)
+        overflow = None if amp_inf is None else amp_inf.to(self.device) > 0
+        skip, clipped, amp_overflow, streak, nonfinite = _read_flags(
+            decision.skip, decision.clipped, overflow, new.counters)
         if not (skip or amp_overflow):
             self._apply(k, grads, decision, stats, inner_step, fused, amp_scale,
-                        global_clip and bool(clipped))
-        return streak
+                        global_clip and clipped)
+        return streak, nonfinite
 
     def _apply(self, k: TorchKernels, grads: list[Tensor], decision: sa.Decision,
                stats: sa.GradStats, inner_step: Any, fused: bool, amp_scale: Tensor | None,
@@ -246,6 +255,29 @@ class Runner:
         if isinstance(loss, Tensor):
             return loss.detach().to(self.device, torch.float32).reshape(())
         return torch.full((), float(loss), dtype=torch.float32, device=self.device)
+
+
+_STREAK_BITS = 30
+
+
+def _read_flags(skip: Tensor, clipped: Tensor, overflow: Tensor | None,
+                counters: Any) -> tuple[bool, bool, bool, int, int]:
+    """Reads the decision's flags and the skip streak in one transfer (one ``item()``).
+
+    They are packed into one int64 on the device (three flag bits, then the
+    streak and its NaN/Inf count, each clamped to 2**30 - 1), so the sync path
+    reads the device exactly once per step.
+    """
+    cap = (1 << _STREAK_BITS) - 1
+    packed = skip.to(torch.int64) + 2 * clipped.to(torch.int64)
+    if overflow is not None:
+        packed = packed + 4 * overflow.to(torch.int64)
+    packed = packed + (counters.streak_nonfinite.to(torch.int64).clamp(max=cap) << 3)
+    packed = packed + (counters.consecutive_skips.to(torch.int64).clamp(max=cap)
+                       << (3 + _STREAK_BITS))
+    value = int(packed.item())
+    return (bool(value & 1), bool(value & 2), bool(value & 4),
+            value >> (3 + _STREAK_BITS), (value >> 3) & cap)
 
 
 def _n_tensors(inner: torch.optim.Optimizer) -> int:

@@ -1,4 +1,16 @@
-"""Reading the skip streak at a host boundary without blocking."""
+"""The divergence guard's read of the skip streak: deterministic, and never a stall.
+
+On an accelerator the step never waits for the device, so the streak
+(``consecutive_skips`` and how many of them were NaN/Inf) is copied every
+step, without blocking, into a ring of pinned host buffers, and the copy
+made ``lag`` steps earlier is read, waiting for it if it has not landed yet
+(by then it almost always has: a training loop's host runs at most a step or
+two ahead of the device). So :class:`safeopt.DivergenceError` comes exactly
+``lag`` steps after the step that reached ``max_consecutive_skips``, on
+every rank alike (every rank holds the same counters and reads them on the
+same step), however fast or slow the device is. On CPU there is no device
+to wait for and the streak is read at once (``lag = 0``).
+"""
 
 from __future__ import annotations
 
@@ -7,33 +19,51 @@ from typing import Any
 import torch
 from torch import Tensor
 
+#: Steps between a skip streak reaching the limit and the error, on an accelerator.
+LAG = 2
 
-class HostWatch:
-    """Reads ``consecutive_skips`` without blocking.
 
-    On CPU the value is read right away (there is no device to wait for). On
-    an accelerator it is copied with ``non_blocking=True`` into pinned memory
-    and read at a later :meth:`poll`, once an event says the copy has landed.
+class StreakWatch:
+    """Copies the streak every step and reads it ``lag`` steps later.
+
+    Args:
+      lag: Steps between a copy and its read (``None``: 0 on CPU, :data:`LAG`
+        elsewhere).
+      event: Makes an event that marks a copy (``torch.Event`` by default;
+        tests pass a slow one).
     """
 
-    def __init__(self) -> None:
-        self._buffer: Tensor | None = None
-        self._event: Any = None
+    def __init__(self, lag: int | None = None, event: Any = None) -> None:
+        self.lag = lag
+        self._event = event
+        self._buffers: list[Tensor] = []
+        self._events: list[Any] = []
+        self._pushed = 0
 
-    def push(self, counter: Tensor) -> int | None:
-        """Starts reading ``counter``; returns it when it is readable now."""
-        if counter.device.type == "cpu":
-            return int(counter.detach().numpy())
-        if self._buffer is None:
-            self._buffer = torch.empty((), dtype=counter.dtype, pin_memory=True)
-        self._buffer.copy_(counter.detach(), non_blocking=True)
-        self._event = torch.Event(device=counter.device)
-        self._event.record()
-        return None
+    def push(self, streak: Tensor) -> tuple[int, int] | None:
+        """Starts reading ``streak`` (``[consecutive, of them NaN/Inf]``, int32).
 
-    def poll(self) -> int | None:
-        """The counter pushed last, if its copy has completed (never blocks)."""
-        if self._event is None or self._buffer is None or not self._event.query():
+        Returns:
+          The streak of ``lag`` steps ago, once there is one; ``None`` before.
+        """
+        lag = self.lag if self.lag is not None else (0 if streak.device.type == "cpu" else LAG)
+        if lag == 0:
+            values = streak.detach().cpu().numpy()
+            return int(values[0]), int(values[1])
+        if not self._buffers:
+            pin = torch.cuda.is_available() and streak.device.type == "cuda"
+            self._buffers = [torch.empty(2, dtype=streak.dtype, pin_memory=pin)
+                             for _ in range(lag + 1)]
+            self._events = [None] * (lag + 1)
+        slot = self._pushed % (lag + 1)
+        self._buffers[slot].copy_(streak.detach(), non_blocking=True)
+        event = (self._event or torch.Event)(device=streak.device)
+        event.record()
+        self._events[slot] = event
+        self._pushed += 1
+        if self._pushed <= lag:
             return None
-        self._event = None
-        return int(self._buffer.numpy())
+        old = self._pushed % (lag + 1)  # the slot written lag steps ago
+        self._events[old].synchronize()
+        values = self._buffers[old].numpy()
+        return int(values[0]), int(values[1])
