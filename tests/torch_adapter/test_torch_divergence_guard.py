@@ -126,6 +126,6 @@ def test_every_rank_raises_on_the_same_step(tmp_path: Path) -> None:
     mp.spawn(run_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for key in ranks[0]:
-        mode, lag = key
+        _, lag = key
         want = FIRST_NAN + LIMIT - 1 + lag
         assert ranks[0][key] == ranks[1][key] == want, (key, ranks[0][key], ranks[1][key])

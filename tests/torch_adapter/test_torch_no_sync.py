@@ -73,7 +73,7 @@ def unguarded_inner(opt: SafeOptimizer) -> Iterator[None]:
         del inner.step
 
 
-POLICIES = sorted(PRESETS) + ["per_tensor", "value_l2"]
+POLICIES = [*sorted(PRESETS), "per_tensor", "value_l2"]
 
 
 def _policy(name: str) -> safeopt.Policy:
