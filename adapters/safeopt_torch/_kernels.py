@@ -74,9 +74,13 @@ class TorchKernels(Kernels):
         maxes = []
         for ts in self.batch.split(list(tensors)):
             nonempty = [t for t in ts if t.numel() > 0]
-            if nonempty:
-                maxes.append(torch.stack(torch._foreach_max(torch._foreach_abs(nonempty)))
-                             .to(self.device, torch.float32).amax())
+            if not nonempty:
+                continue
+            if torch.compiler.is_compiling():  # dynamo does not trace _foreach_max
+                per_tensor = [t.abs().amax() for t in nonempty]
+            else:
+                per_tensor = list(torch._foreach_max(torch._foreach_abs(nonempty)))
+            maxes.append(torch.stack(per_tensor).to(self.device, torch.float32).amax())
         out = torch.stack(maxes).amax() if maxes else torch.zeros((), device=self.device)
         return out if self.batch.shard is None else self.batch.shard.max(out)
 
@@ -95,11 +99,16 @@ class TorchKernels(Kernels):
         return full.index_copy_(0, index, values), present
 
     def when(self, pred: Any, compute: Callable[[], Tensor], otherwise: float) -> Tensor:
-        if not isinstance(pred, bool):
-            raise TypeError("torch decides when to gather on the host: `pred` must be a bool")
-        if pred:
-            return compute()
-        return torch.full((), otherwise, dtype=torch.float32, device=self.device)
+        """Eager: ``pred`` is a host bool. Compiled: a device bool, under ``torch.cond``."""
+        def fallback() -> Tensor:
+            return torch.full((), otherwise, dtype=torch.float32, device=self.device)
+
+        if isinstance(pred, bool):
+            return compute() if pred else fallback()
+        if not torch.compiler.is_compiling():
+            raise TypeError("eager torch decides when to gather on the host: `pred` must be a "
+                            "bool")
+        return torch.cond(pred, compute, fallback)
 
     # -- changes, in place ---------------------------------------------------------------
     def add_penalty(self, grads: list[Tensor], params: Sequence[Tensor], l1: Any,

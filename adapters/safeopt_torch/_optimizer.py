@@ -58,10 +58,15 @@ Where the decision is taken is a separate matter, reported by
   ``SafeOptimizer(inner, policy, decide_on="device")`` forces the device
   path on CPU.
 
-Under ``torch.compile`` the step is excluded from tracing
-(``torch.compiler.disable``): a compiled training step graph-breaks at
-``opt.step()`` and runs the protected step eagerly, so safeopt's state is
-never traced into a graph (and compile time does not grow with the policy).
+Under ``torch.compile`` the protected step traces whole (``fullgraph=True``)
+with device decisions (``decide_on="device"``, the default on an
+accelerator): no host read, no graph break; see
+:meth:`safeopt_torch._runner.Runner.compiled_step`. The inner optimizer
+must hold its state before the first compiled step (it creates it lazily:
+take one eager step, or load a checkpoint). Telemetry and the
+divergence check need the host: in a compiled loop call
+``safeopt.after_step(opt, step)`` / ``safeopt.check(opt)`` every few steps,
+outside the compiled function, as in a jitted JAX loop.
 
 With ``torch.amp.GradScaler``: on the fused path the wrapper declares
 ``_step_supports_amp_scaling`` like the fused optimizers do, so the scaler
@@ -95,6 +100,7 @@ References:
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -114,8 +120,6 @@ def _fused_capable(inner: torch.optim.Optimizer) -> bool:
         return False
     if not all(group.get("fused") for group in inner.param_groups):
         return False
-    import inspect
-
     return "grad_scaler" not in inspect.signature(inner.step).parameters
 
 
@@ -269,7 +273,6 @@ class SafeOptimizer(torch.optim.Optimizer):
         self._run.load(dict(saved["state"]))
         self._host_step = int(saved.get("host_step", 0))
 
-    @torch.compiler.disable(recursive=True)
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *,
              loss: Any = None) -> Any:
@@ -294,8 +297,18 @@ class SafeOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 closure_loss = closure()
-        policy = self.policy
         given = loss if loss is not None else closure_loss
+        if torch.compiler.is_compiling():
+            if not self._inner_ready:
+                raise RuntimeError(
+                    "A compiled protected step needs the inner optimizer's state, which it "
+                    "creates lazily on its first step: take one step eagerly (or load a "
+                    "checkpoint) before calling the compiled function. Received: an inner "
+                    f"{type(self._inner).__name__} without state.")
+            self._run.compiled_step(self._raw_inner_step, self._fused, given)
+            return closure_loss
+        self._resync()
+        policy = self.policy
         amp_scale, amp_inf = self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
         streak = self._run.step(self._inner_step, self._fused, self._inner_ready, given,
                                 amp_scale, amp_inf)
@@ -306,6 +319,27 @@ class SafeOptimizer(torch.optim.Optimizer):
             sa.raise_if_diverged(policy, {"consecutive_skips": streak[0],
                                           "streak_nonfinite": streak[1]}, self)
         return closure_loss
+
+    def _raw_inner_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """The inner step without its hook and ``no_grad`` wrappers (they break graphs)."""
+        inner = self._inner
+        raw = inspect.unwrap(type(inner).step)
+        if grad_scale is not None:
+            inner.grad_scale = grad_scale  # type: ignore[attr-defined]
+        if found_inf is not None:
+            inner.found_inf = found_inf  # type: ignore[attr-defined]
+        raw(inner)
+        inner.__dict__.pop("grad_scale", None)
+        inner.__dict__.pop("found_inf", None)
+
+    def _resync(self) -> None:
+        """After compiled steps, the host mirror of the update count is read back once."""
+        run = self._run
+        if run.mirror_stale:
+            counters = run.host_state().counters
+            run.updates = int(counters.steps) + int(counters.skips)
+            self._host_step = run.updates
+            run.mirror_stale = False
 
     def _inner_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """Runs the inner step, handing the fused kernel its inputs when given."""

@@ -25,6 +25,8 @@ gets ``grad_scale`` only on steps that clip).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -71,6 +73,7 @@ class Runner:
         self.cache: IndexCache = {}
         self.watch = StreakWatch()
         self.updates = 0  # host mirror of steps + skips: the monitor's cadence
+        self.mirror_stale = False  # compiled steps do not keep the host mirror
         self.n_tensors = _n_tensors(inner)
         self.state = self.fresh_state()
 
@@ -171,6 +174,41 @@ class Runner:
             return self._fused(decision, stats, new, inner_step, amp_scale, amp_inf)
         return self._sync(k, grads, decision, stats, new, inner_step, fused, amp_scale, amp_inf)
 
+    def compiled_step(self, inner_step: Any, fused: bool, loss: Any) -> None:
+        """The step traced by ``torch.compile``: device decisions, no host read at all.
+
+        torch does not trace its fused kernels (``_fused_adam`` is
+        ``torch.compiler.disable``-d), so a fused inner optimizer runs its
+        foreach implementation here, which inductor fuses; and a compiled
+        graph cannot branch on the device, so the inner step runs and a
+        skipped one is undone by a select, ``where(skip, before, after)``, over
+        the parameters and the optimizer state (copied before the step; state
+        the step creates is put back to zeros, what Adam-like optimizers
+        create). The monitor's weight norm is gathered under ``torch.cond`` on
+        the device counters; the host-side counters and telemetry are left to
+        eager steps.
+        """
+        if self.on_host:
+            raise RuntimeError(
+                "A compiled protected step must decide on the device: build the wrapper with "
+                "SafeOptimizer(optimizer, policy, decide_on='device') (the default on an "
+                "accelerator). Received: decide_on resolved to 'host' (parameters on CPU).")
+        batch = _batch.collect(self.inner.param_groups, self.device,
+                               _batch.any_dtensor(self.inner.param_groups))
+        if not batch.grads:
+            return
+        k = TorchKernels(sa.namespace_by_name("torch"), batch, self.device, None, self.cache)
+        grads, stats = sa.gather(k, self.policy, self.state, batch.grads, batch.local_params,
+                                 self._loss(loss), positions=batch.index,
+                                 n_tensors=self.n_tensors)
+        decision, new = sa.decide(k.xp, self.policy, self.state, stats)
+        global_clip = _global_clip(self.policy)
+        with _foreach_under_compile(self.inner):
+            _undo_if_skipped(self.inner, batch, decision.skip, lambda: self._apply(
+                k, grads, decision, stats, inner_step, False, None, global_clip))
+        self.state = new
+        self.mirror_stale = True
+
     def _host(self, k: TorchKernels, grads: list[Tensor], stats: sa.GradStats, inner_step: Any,
               fused: bool, amp_scale: Tensor | None,
               amp_inf: Tensor | None) -> tuple[int, int] | None:
@@ -255,6 +293,38 @@ class Runner:
         if isinstance(loss, Tensor):
             return loss.detach().to(self.device, torch.float32).reshape(())
         return torch.full((), float(loss), dtype=torch.float32, device=self.device)
+
+
+@contextlib.contextmanager
+def _foreach_under_compile(inner: torch.optim.Optimizer) -> Iterator[None]:
+    """Runs a fused inner optimizer's foreach implementation (traceable) meanwhile."""
+    fused = [group.get("fused") for group in inner.param_groups]
+    for group in inner.param_groups:
+        if group.get("fused"):
+            group["fused"], group["foreach"] = False, True
+    try:
+        yield
+    finally:
+        for group, was in zip(inner.param_groups, fused):
+            if was:
+                group["fused"], group["foreach"] = True, None
+
+
+def _undo_if_skipped(inner: torch.optim.Optimizer, batch: _batch.Batch, skip: Tensor,
+                     run: Any) -> None:
+    """Runs ``run()`` (the inner step), then puts everything back where ``skip``."""
+    before = [*batch.params, *(v for p in batch.params
+                               for v in inner.state.get(p, {}).values()
+                               if isinstance(v, Tensor))]
+    saved = [t.clone() for t in before]
+    run()
+    for t, old in zip(before, saved):
+        t.copy_(torch.where(skip, old, t))
+    known = {id(t) for t in before}
+    for p in batch.params:  # state this step created: Adam-like optimizers start at zero
+        for v in inner.state.get(p, {}).values():
+            if isinstance(v, Tensor) and id(v) not in known:
+                v.copy_(torch.where(skip, torch.zeros_like(v), v))
 
 
 _STREAK_BITS = 30
