@@ -1,17 +1,21 @@
 """The demo's tasks in Keras 3 (imported only by ``safeopt demo --framework keras``).
 
 The two cases of exploding gradients of ``safeopt_torch.demo``, with the
-same hyper-parameters, as Keras models on whichever backend ``KERAS_BACKEND``
-selects (TensorFlow, JAX or torch):
+same data, initial weights and hyper-parameters (all from
+:mod:`safeopt_bench.data`, which says why the bare runs must overflow), as
+Keras models on whichever backend ``KERAS_BACKEND`` selects (TensorFlow, JAX
+or torch):
 
 * ``mlp``: a 12-layer tanh MLP (``Dense`` layers) with large initial weights
   (std ``1.5 / sqrt(fan_in)``) regressing targets of scale 10
-  (``keras.optimizers.SGD(0.03, momentum=0.9)``);
-* ``rnn``: a ``SimpleRNN`` (50 tanh units, recurrent weights of spectral
-  radius 1.5) on the addition problem of Pascanu et al. (2013) at sequence
-  length 100 (``keras.optimizers.SGD(0.1)``).
+  (``keras.optimizers.SGD(0.3)``);
+* ``rnn``: a ``SimpleRNN`` (50 tanh units, recurrent weights ``1.5 * I``) on
+  the addition problem of Pascanu et al. (2013) at sequence length 100
+  (``keras.optimizers.SGD(0.1)``).
 
-The protected run is ``safeopt.wrap(keras.optimizers.SGD(...), "default")``.
+Both minimise the sum over the batch of the squared errors; the loss
+reported, and given to safeopt, is the batch's mean squared error. The
+protected run is ``safeopt.wrap(keras.optimizers.SGD(...), "default")``.
 The training loop is a small custom one per backend (``tf.function`` with a
 ``GradientTape``; ``jax.jit`` over ``stateless_call`` and
 ``stateless_apply``; eager torch autograd), because ``model.fit`` does not
@@ -36,9 +40,9 @@ from safeopt_bench.demo import OnStep, Outcome
 
 TASKS: dict[str, str] = {
     "mlp": "deep tanh MLP (12 Dense x 64, init std 1.5/sqrt(fan_in)), regression, "
-           "keras SGD lr 0.03 momentum 0.9, batch 64",
-    "rnn": "SimpleRNN (50 tanh units, recurrent spectral radius 1.5), addition problem "
-           "T=100, keras SGD lr 0.1, batch 20",
+           "sum of squared errors, keras SGD lr 0.3, batch 64",
+    "rnn": "SimpleRNN (50 tanh units, recurrent weights 1.5*I), addition problem T=100, "
+           "sum of squared errors, keras SGD lr 0.1, batch 20",
 }
 STEPS: dict[str, int] = {"mlp": 300, "rnn": 300}
 POLICY = "default"
@@ -64,7 +68,7 @@ def deep_mlp(seed: int) -> keras.Model:
 
 
 def vanilla_rnn(seed: int) -> keras.Model:
-    """A ``SimpleRNN`` read out from its last state, recurrent spectral radius 1.5."""
+    """A ``SimpleRNN`` read out from its last state, recurrent weights ``1.5 * I``."""
     w = data.rnn_weights(data.init_rng(seed))
     model = keras.Sequential([
         keras.Input((data.RNN_LENGTH, 2)),
@@ -78,18 +82,19 @@ def vanilla_rnn(seed: int) -> keras.Model:
 def _task(task: str, seed: int) -> tuple[keras.Model, Iterator[Batch], Any]:
     if task == "mlp":
         return (deep_mlp(seed), data.regression_batches(seed),
-                keras.optimizers.SGD(learning_rate=0.03, momentum=0.9))
+                keras.optimizers.SGD(learning_rate=data.MLP_LR))
     if task == "rnn":
         return (vanilla_rnn(seed), data.addition_batches(seed),
-                keras.optimizers.SGD(learning_rate=0.1))
+                keras.optimizers.SGD(learning_rate=data.RNN_LR))
     raise ValueError(f"`task` must be one of {list(TASKS)}. Received: task={task!r}")
 
 
 # ---------------------------------------------------------------------------
 # One training step per backend.
 # ---------------------------------------------------------------------------
-def _mse(out: Any, y: Any) -> Any:
-    return ops.mean(ops.square(out - y))
+def _sse(out: Any, y: Any) -> Any:
+    """The objective: the sum over the batch of the squared errors."""
+    return ops.sum(ops.square(out - y))
 
 
 def _norms(tensors: Sequence[Any]) -> Any:
@@ -103,7 +108,9 @@ def _global_norm(tensors: Sequence[Any]) -> Any:
 def make_step(model: keras.Model, opt: Any, protected: bool) -> Step:
     """The training step of the current Keras backend (builds ``opt`` first).
 
-    A protected step passes the loss to safeopt (``apply(..., loss=loss)``).
+    The gradient is that of :func:`_sse`; the loss returned, and passed to
+    safeopt by a protected step (``apply(..., loss=loss)``), is the batch's
+    mean squared error.
     """
     opt.build(model.trainable_variables)
     backend = keras.backend.backend()
@@ -125,8 +132,9 @@ def _tf_step(model: keras.Model, opt: Any, protected: bool) -> Step:
     @tf.function
     def step(x: Any, y: Any) -> tuple[Any, Any, Any]:
         with tf.GradientTape() as tape:
-            loss = _mse(model(x, training=True), y)
-        grads = tape.gradient(loss, variables)
+            sse = _sse(model(x, training=True), y)
+        grads = tape.gradient(sse, variables)
+        loss = sse / ops.cast(ops.shape(x)[0], sse.dtype)
         if protected:
             opt.apply(grads, variables, loss=loss)
         else:
@@ -147,12 +155,13 @@ def _jax_step(model: keras.Model, opt: Any, protected: bool) -> Step:
 
     def loss_fn(trainable: Any, non_trainable: Any, x: Any, y: Any) -> Any:
         out, non_trainable = model.stateless_call(trainable, non_trainable, x, training=True)
-        return _mse(out, y), non_trainable
+        return _sse(out, y), non_trainable
 
     @jax.jit
     def pure(trainable: Any, non_trainable: Any, opt_values: Any, x: Any, y: Any) -> Any:
-        (loss, non_trainable), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (sse, non_trainable), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             trainable, non_trainable, x, y)
+        loss = sse / x.shape[0]
         extra = {"loss": loss} if protected else {}
         trainable, opt_values = opt.stateless_apply(opt_values, grads, trainable, **extra)
         return trainable, non_trainable, opt_values, (loss, _norms(grads),
@@ -177,19 +186,20 @@ def _torch_step(model: keras.Model, opt: Any, protected: bool) -> Step:
     variables = list(model.trainable_variables)
 
     def step(x: Any, y: Any) -> tuple[Any, Any, Any]:
-        loss = _mse(model(ops.convert_to_tensor(x), training=True), ops.convert_to_tensor(y))
-        loss.backward()
+        sse = _sse(model(ops.convert_to_tensor(x), training=True), ops.convert_to_tensor(y))
+        sse.backward()
+        loss = sse.detach() / x.shape[0]
         grads = [v.value.grad for v in variables]
         with torch.no_grad():
             norms = _norms(grads)
             if protected:
-                opt.apply(grads, variables, loss=loss.detach())
+                opt.apply(grads, variables, loss=loss)
             else:
                 opt.apply(grads, variables)
             weight_norm = _global_norm([v.value for v in variables])
         for v in variables:
             v.value.grad = None
-        return loss.detach(), norms, weight_norm
+        return loss, norms, weight_norm
 
     return step
 

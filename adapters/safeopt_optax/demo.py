@@ -1,18 +1,20 @@
 """The demo's tasks in JAX and Optax (imported only by ``safeopt demo --framework jax``).
 
 The two cases of exploding gradients of ``safeopt_torch.demo``, with the
-same hyper-parameters, written as pure functions over parameter dicts:
+same data, initial weights and hyper-parameters (all from
+:mod:`safeopt_bench.data`, which says why the bare runs must overflow),
+written as pure functions over parameter dicts:
 
 * ``mlp``: a 12-layer tanh MLP with large initial weights (std ``1.5 /
-  sqrt(fan_in)``) regressing targets of scale 10 (``optax.sgd(0.03,
-  momentum=0.9)``);
-* ``rnn``: a vanilla tanh RNN (50 units, recurrent weights of spectral
-  radius 1.5, unrolled with ``jax.lax.scan``) on the addition problem of
-  Pascanu et al. (2013) at sequence length 100 (``optax.sgd(0.1)``).
+  sqrt(fan_in)``) regressing targets of scale 10 (``optax.sgd(0.3)``);
+* ``rnn``: a vanilla tanh RNN (50 units, recurrent weights ``1.5 * I``,
+  unrolled with ``jax.lax.scan``) on the addition problem of Pascanu et al.
+  (2013) at sequence length 100 (``optax.sgd(0.1)``).
 
-The protected run is ``safeopt.wrap(optax.sgd(...), "default")``, whose
-``update`` takes the loss as ``value``; the whole step (forward, backward,
-safeopt, SGD) is one ``jax.jit``-compiled function.
+Both minimise the sum over the batch of the squared errors. The protected
+run is ``safeopt.wrap(optax.sgd(...), "default")``, whose ``update`` takes
+the loss (the batch's mean squared error) as ``value``; the whole step
+(forward, backward, safeopt, SGD) is one ``jax.jit``-compiled function.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from safeopt_bench.demo import OnStep, Outcome
 
 TASKS: dict[str, str] = {
     "mlp": "deep tanh MLP (12 layers x 64, init std 1.5/sqrt(fan_in)), regression, "
-           "optax.sgd lr 0.03 momentum 0.9, batch 64",
-    "rnn": "vanilla tanh RNN (50 units, recurrent spectral radius 1.5, lax.scan), addition "
-           "problem T=100, optax.sgd lr 0.1, batch 20",
+           "sum of squared errors, optax.sgd lr 0.3, batch 64",
+    "rnn": "vanilla tanh RNN (50 units, recurrent weights 1.5*I, lax.scan), addition "
+           "problem T=100, sum of squared errors, optax.sgd lr 0.1, batch 20",
 }
 STEPS: dict[str, int] = {"mlp": 300, "rnn": 300}
 POLICY = "default"
@@ -63,7 +65,7 @@ def mlp_apply(params: Params, x: jax.Array) -> jax.Array:
 
 
 def rnn_params(seed: int) -> Params:
-    """The vanilla RNN's parameters: ``rnn`` (``w_ih``, ``w_hh``, ``b_h``) and ``out``."""
+    """The vanilla RNN's parameters: ``rnn`` (``w_ih``, ``w_hh = 1.5 I``, ``b_h``) and ``out``."""
     w = {k: jnp.asarray(v) for k, v in data.rnn_weights(data.init_rng(seed)).items()}
     return {"rnn": {"w_ih": w["w_ih"], "w_hh": w["w_hh"], "b_h": w["b_h"]},
             "out": {"kernel": w["w_out"], "bias": w["b_out"]}}
@@ -89,25 +91,29 @@ def _task(task: str, seed: int,
           ) -> tuple[Params, Apply, Iterator[Batch], optax.GradientTransformation]:
     if task == "mlp":
         return (mlp_params(seed), mlp_apply, data.regression_batches(seed),
-                optax.sgd(0.03, momentum=0.9))
+                optax.sgd(data.MLP_LR))
     if task == "rnn":
-        return rnn_params(seed), rnn_apply, data.addition_batches(seed), optax.sgd(0.1)
+        return (rnn_params(seed), rnn_apply, data.addition_batches(seed),
+                optax.sgd(data.RNN_LR))
     raise ValueError(f"`task` must be one of {list(TASKS)}. Received: task={task!r}")
 
 
 def make_step(apply: Apply, tx: Any, protected: bool) -> Callable[..., Any]:
     """The jitted training step ``(params, state, x, y) -> (params, state, metrics)``.
 
+    The gradient is that of the sum over the batch of the squared errors;
     ``metrics`` is ``(loss, raw per-tensor gradient norms, weight norm after
-    the update)``, read by the host once per step for the progress bar and the
-    table. A protected step passes the loss to safeopt as ``value``.
+    the update)``, ``loss`` being the batch's mean squared error, read by the
+    host once per step for the progress bar and the table. A protected step
+    passes that loss to safeopt as ``value``.
     """
 
-    def loss_fn(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
-        return jnp.mean((apply(params, x) - y) ** 2)
+    def sse_fn(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+        return jnp.sum((apply(params, x) - y) ** 2)
 
     def step(params: Params, state: Any, x: jax.Array, y: jax.Array) -> Any:
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        sse, grads = jax.value_and_grad(sse_fn)(params, x, y)
+        loss = sse / x.shape[0]
         norms = jnp.stack([jnp.linalg.norm(g.ravel()) for g in jax.tree.leaves(grads)])
         extra = {"value": loss} if protected else {}
         updates, state = tx.update(grads, state, params, **extra)

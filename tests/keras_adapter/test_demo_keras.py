@@ -13,6 +13,9 @@ keras = pytest.importorskip("keras")
 
 from safeopt.cli import main  # noqa: E402
 
+#: Upper limits of the wrapped runs' final loss after 30 steps (seed 0 reaches 11 and 0.22).
+WRAPPED_LOSS_BELOW = {"mlp": 30.0, "rnn": 0.6}
+
 
 def _loss(run: dict[str, Any]) -> float:
     return float(run["final_loss"])  # non-finite losses are written as "inf" / "nan"
@@ -30,11 +33,14 @@ def test_demo_runs_bare_and_wrapped_and_writes_files(tmp_path: Path,
     assert set(runs) == {(t, a) for t in ("mlp", "rnn") for a in ("bare", "safeopt")}
     for task in ("mlp", "rnn"):
         bare, wrapped = runs[(task, "bare")], runs[(task, "safeopt")]
+        # The bare runs overflow early, by construction (safeopt._demo_numpy):
+        # the MLP from step 4-6, the RNN from step 7-10 on every backend.
+        assert bare["first_nan_step"] is not None and bare["first_nan_step"] <= 20, (task, bare)
         # Both wrapped runs stay finite, clipping, ...
         assert wrapped["nan_steps"] == 0 and math.isfinite(_loss(wrapped))
         assert wrapped["clipped"] > 0 and wrapped["skipped"] == 0
-        # ... and end far below the bare runs, which diverged (the bare RNN goes
-        # NaN at about step 20-35, depending on the backend).
+        # ... and learn (MLP ~11 from ~70; RNN ~0.25 from ~1.2; limits x2.5).
+        assert _loss(wrapped) < WRAPPED_LOSS_BELOW[task], (task, wrapped)
         assert not _loss(bare) < 1000 * _loss(wrapped), (task, bare, wrapped)
     lines = (tmp_path / "keras_rnn_safeopt.jsonl").read_text().splitlines()
     assert len(lines) == 30

@@ -14,6 +14,9 @@ pytest.importorskip("optax")
 
 from safeopt.cli import main
 
+#: Upper limits of the wrapped runs' final loss after 30 steps (seed 0 reaches 11 and 0.22).
+WRAPPED_LOSS_BELOW = {"mlp": 30.0, "rnn": 0.6}
+
 
 def _loss(run: dict[str, Any]) -> float:
     return float(run["final_loss"])  # non-finite losses are written as "inf" / "nan"
@@ -29,14 +32,16 @@ def test_demo_runs_bare_and_wrapped_and_writes_files(tmp_path: Path,
     assert "Recurrent model" in out
     runs = {(r["task"], r["run"]): r for r in json.loads((tmp_path / "summary.json").read_text())}
     assert set(runs) == {(t, a) for t in ("mlp", "rnn") for a in ("bare", "safeopt")}
-    # The RNN goes NaN within 30 steps when bare (from about step 24) ...
-    assert runs[("rnn", "bare")]["nan_steps"] > 0
     for task in ("mlp", "rnn"):
         bare, wrapped = runs[(task, "bare")], runs[(task, "safeopt")]
-        # ... both wrapped runs stay finite, clipping, ...
+        # The bare runs overflow early, by construction (safeopt._demo_numpy):
+        # the MLP from step 4-6, the RNN from step 7-10 on every backend.
+        assert bare["first_nan_step"] is not None and bare["first_nan_step"] <= 20, (task, bare)
+        # Both wrapped runs stay finite, clipping, ...
         assert wrapped["nan_steps"] == 0 and math.isfinite(_loss(wrapped))
         assert wrapped["clipped"] > 0 and wrapped["skipped"] == 0
-        # ... and end far below the bare runs, which diverged.
+        # ... and learn (MLP ~11 from ~70; RNN ~0.25 from ~1.2; limits x2.5).
+        assert _loss(wrapped) < WRAPPED_LOSS_BELOW[task], (task, wrapped)
         assert not _loss(bare) < 1000 * _loss(wrapped), (task, bare, wrapped)
     lines = (tmp_path / "jax_rnn_safeopt.jsonl").read_text().splitlines()
     assert len(lines) == 30
