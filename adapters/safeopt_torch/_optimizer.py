@@ -165,6 +165,7 @@ class SafeOptimizer(torch.optim.Optimizer):
         self._fused = _fused_capable(inner)
         self._inner_ready = _has_state(inner)
         self._host_step = 0
+        self._pending_loss: Any = None
         device = _first_device(inner)
         self._run = Runner(inner, policy, _decide_on_host(decide_on, device), device)
 
@@ -297,7 +298,8 @@ class SafeOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 closure_loss = closure()
-        given = loss if loss is not None else closure_loss
+        given = next((x for x in (loss, closure_loss, self._pending_loss) if x is not None), None)
+        self._pending_loss = None
         if torch.compiler.is_compiling():
             if not self._inner_ready:
                 raise RuntimeError(
@@ -354,6 +356,22 @@ class SafeOptimizer(torch.optim.Optimizer):
             inner.__dict__.pop("grad_scale", None)
             inner.__dict__.pop("found_inf", None)
         self._inner_ready = True  # the inner optimizer has created its state
+
+    def set_loss(self, loss: Any) -> None:
+        """Gives the policy the loss of the coming step, for callers of ``step()`` without it.
+
+        Trainers call ``optimizer.step()`` without the loss (Hugging Face
+        ``Trainer``); their integrations hand it here instead. A loss given
+        to :meth:`step` (or returned by its closure) wins; either way it is
+        used for one step.
+        """
+        self._pending_loss = loss
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last step was skipped (on the device path, one read of the device)."""
+        skip = self._run.last_skip
+        return bool(skip) if skip is not None else False
 
     # -- reading ---------------------------------------------------------------------
     def read(self) -> tuple[Policy, sa.State, dict[str, Any]]:

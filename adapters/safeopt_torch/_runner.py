@@ -74,6 +74,7 @@ class Runner:
         self.watch = StreakWatch()
         self.updates = 0  # host mirror of steps + skips: the monitor's cadence
         self.mirror_stale = False  # compiled steps do not keep the host mirror
+        self.last_skip: Any = None  # the last decision's skip flag (bool, or a device bool)
         self.n_tensors = _n_tensors(inner)
         self.state = self.fresh_state()
 
@@ -207,6 +208,7 @@ class Runner:
             _undo_if_skipped(self.inner, batch, decision.skip, lambda: self._apply(
                 k, grads, decision, stats, inner_step, False, None, global_clip))
         self.state = new
+        self.last_skip = decision.skip
         self.mirror_stale = True
 
     def _host(self, k: TorchKernels, grads: list[Tensor], stats: sa.GradStats, inner_step: Any,
@@ -220,6 +222,7 @@ class Runner:
             return None  # an AMP overflow is the scaler's, not a safeopt skip: nothing changes
         self.state = new
         self.updates += 1
+        self.last_skip = bool(decision.skip)
         if not decision.skip:
             clipped = bool(decision.clipped) and _global_clip(self.policy)
             if fused:
@@ -248,6 +251,7 @@ class Runner:
                                    decision.clipped)
         inner_step(_grad_scale(inv, amp_scale, self.device), found_inf)
         self.state = new
+        self.last_skip = decision.skip
         if self.policy.max_consecutive_skips is None or not _can_skip(self.policy):
             return None
         c = new.counters
@@ -262,6 +266,7 @@ class Runner:
         then runs unconditionally, as in ``clip_grad_norm_``.
         """
         self.state = new
+        self.last_skip = False
         global_clip = _global_clip(self.policy)
         if not _can_skip(self.policy) and amp_inf is None:
             self._apply(k, grads, decision, stats, inner_step, fused, amp_scale, global_clip)
@@ -269,6 +274,7 @@ class Runner:
         overflow = None if amp_inf is None else amp_inf.to(self.device) > 0
         skip, clipped, amp_overflow, streak, nonfinite = _read_flags(
             decision.skip, decision.clipped, overflow, new.counters)
+        self.last_skip = skip
         if not (skip or amp_overflow):
             self._apply(k, grads, decision, stats, inner_step, fused, amp_scale,
                         global_clip and clipped)

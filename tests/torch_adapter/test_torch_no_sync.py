@@ -139,3 +139,23 @@ def test_the_guard_sees_what_it_must() -> None:
         _ = torch.as_tensor(2.0)  # a tensor made from host data
         bool(x.sum() > 0)
     assert guard.reads == 2 and guard.from_host == 2
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "Adam"])
+def test_every_fused_optimizer_reads_nothing(name: str) -> None:
+    net = model()
+    make = {"SGD": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, fused=True),
+            "Adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2, fused=True),
+            "Adam": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True)}[name]
+    opt = SafeOptimizer(make(net.parameters()), safeopt.Policy(max_consecutive_skips=3),
+                        decide_on="device")
+    data = batches(6)
+    opt.step(loss=_backward(opt, net, data[0]))  # the first step creates the inner state
+    guard = Guard()
+    for i, batch in enumerate(data[1:]):
+        loss = _backward(opt, net, batch, poison=i == 1)
+        with unguarded_inner(opt), guard:
+            opt.step(loss=loss)
+    assert guard.reads == 0 and guard.from_host == 0, guard.calls
+    stats = safeopt.stats(opt)
+    assert (stats["path"], stats["steps"], stats["skips"]) == ("fused", 5, 1)
