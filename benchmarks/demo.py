@@ -110,10 +110,14 @@ class RunResult:
     seconds: float
 
     @property
+    def ran(self) -> int:
+        """Steps that ran (a bare run whose weights went NaN/Inf is stopped early)."""
+        return len(self.raw)
+
+    @property
     def nan_steps(self) -> int:
-        """Steps whose loss or gradients were NaN/Inf (a stopped run counts the rest)."""
-        bad = sum(1 for r in self.raw if not _finite(r["loss"], r["grad_norm"]))
-        return bad + max(self.outcome.steps - len(self.raw), 0)
+        """Steps that ran with a NaN/Inf loss or gradients."""
+        return sum(1 for r in self.raw if not _finite(r["loss"], r["grad_norm"]))
 
     @property
     def first_nan(self) -> int | None:
@@ -181,7 +185,7 @@ class ProgressBar:
     def _line(self, done: int, loss: float) -> str:
         filled = int(self.width * min(done, self.total) / self.total)
         bar = "#" * filled + "." * (self.width - filled)
-        return f"{self.label} |{bar}| {done}/{self.total} loss {loss:.3g}"
+        return f"{self.label} |{bar}| {done}/{self.total} train loss {loss:.3g}"
 
 
 # ---------------------------------------------------------------------------
@@ -336,6 +340,7 @@ def run_demo(framework: str | None = None, out: str | Path = "safeopt-demo",
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"safeopt demo ({name}): each task trains twice with the same data, init and "
           "hyper-parameters: bare, then wrapped by safeopt.wrap(opt, 'default').", file=text)
+    print(f"Files go to {out_dir.resolve()} (--out DIR to change).", file=text)
     results: list[RunResult] = []
     start = time.perf_counter()
     for task, title in demo.TASKS.items():
@@ -364,16 +369,27 @@ def _fmt(value: float | int | None, spec: str = "") -> str:
 
 
 def table(results: Sequence[RunResult]) -> str:
-    """The side-by-side Markdown table of the runs."""
-    lines = ["| task | run | final loss | steps with NaN | steps clipped | steps skipped "
-             "| accuracy |", "|---|---|---:|---:|---:|---:|---:|"]
+    """The side-by-side Markdown table of the runs.
+
+    "train loss" is the last step's loss on its batch (what the progress bar
+    shows); "loss on fresh data" is measured after training on data the run
+    never saw, and reads "diverged" for a run that went NaN/Inf, whatever
+    number its broken weights then give (an overflowed but finite one, or NaN).
+    """
+    lines = ["| task | run | steps run | NaN/Inf steps | first NaN/Inf step | steps clipped "
+             "| steps skipped | train loss | loss on fresh data | accuracy |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        nan = f"{r.nan_steps}/{r.outcome.steps}"
-        if r.first_nan is not None:
-            nan += f" (from step {r.first_nan})"
-        acc = None if r.outcome.accuracy is None else f"{100 * r.outcome.accuracy:.1f}%"
-        lines.append(f"| {r.task} | {r.arm} | {_fmt(r.outcome.final_loss, '.4g')} | {nan} "
-                     f"| {_fmt(r.clipped)} | {_fmt(r.skipped)} | {acc or '-'} |")
+        ran = f"{r.ran}/{r.outcome.steps}" + (" (stopped: NaN/Inf weights)"
+                                              if r.ran < r.outcome.steps else "")
+        diverged = r.first_nan is not None
+        fresh = "diverged" if diverged else _fmt(r.outcome.final_loss, ".4g")
+        train = _fmt(r.raw[-1]["loss"], ".4g") if r.raw else "-"
+        acc = None if r.outcome.accuracy is None or diverged else \
+            f"{100 * r.outcome.accuracy:.1f}%"
+        lines.append(f"| {r.task} | {r.arm} | {ran} | {r.nan_steps} | {_fmt(r.first_nan)} "
+                     f"| {_fmt(r.clipped)} | {_fmt(r.skipped)} | {train} | {fresh} "
+                     f"| {acc or '-'} |")
     return "\n".join(lines)
 
 
@@ -409,7 +425,8 @@ def write_outputs(results: Sequence[RunResult], out_dir: Path, framework: str,
         summary.append({
             "framework": framework, "task": r.task, "title": r.title, "run": r.arm,
             "final_loss": _json_number(r.outcome.final_loss), "accuracy": r.outcome.accuracy,
-            "steps": r.outcome.steps, "nan_steps": r.nan_steps, "first_nan_step": r.first_nan,
+            "steps": r.outcome.steps, "steps_run": r.ran, "nan_steps": r.nan_steps,
+            "first_nan_step": r.first_nan,
             "clipped": r.clipped, "skipped": r.skipped, "seconds": round(r.seconds, 2),
             "jsonl": log.name})
         if report and r.records:

@@ -230,19 +230,23 @@ class Policy(metaclass=_ValidatingMeta):
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Policy:
         """Loads ``$SAFEOPT_CONFIG``: a preset name, a file path or inline JSON.
 
-        Falls back to the defaults when the variable is unset or empty.
+        Falls back to the defaults when the variable is unset. A variable set
+        but empty is refused (it is almost always a mistake in a launch
+        script); every error says that it came from the variable.
         """
-        value = (os.environ if environ is None else environ).get(ENV_VAR, "").strip()
-        if not value:
+        env = os.environ if environ is None else environ
+        if ENV_VAR not in env:
             return cls()
-        if value.startswith("{"):
-            try:
-                return cls.from_mapping(json.loads(value))
-            except json.JSONDecodeError as err:
-                raise PolicyError(
-                    f"${ENV_VAR} holds invalid JSON ({err}). Received: {value!r}"
-                ) from None
-        return _from_string(value)
+        value = env[ENV_VAR].strip()
+        if not value:
+            raise PolicyError(
+                f"${ENV_VAR} is set but empty: unset it to use the defaults, or give a preset "
+                f"name ({', '.join(sorted(PRESETS))}), a file path or inline JSON. "
+                f"Received: {ENV_VAR}={env[ENV_VAR]!r}")
+        try:
+            return _from_string(value)
+        except PolicyError as err:
+            raise PolicyError(f"${ENV_VAR}: {err}") from None
 
 
 PolicyLike = Union[Policy, Mapping[str, Any], str, "os.PathLike[str]", None]
@@ -349,11 +353,19 @@ def _as_mapping(data: Any, file: Path) -> Mapping[str, Any]:
 
 
 def _from_string(value: str) -> Policy:
+    """A preset name, a file path, or inline JSON (``'{"clip_norm": 1}'``)."""
+    if value.lstrip().startswith("{"):
+        try:
+            return Policy.from_mapping(json.loads(value))
+        except json.JSONDecodeError as err:
+            raise PolicyError(f"the inline JSON policy is invalid ({err}). "
+                              f"Received: policy={value!r}") from None
     if value in PRESETS:
         return Policy.from_preset(value)
     if value.lower().endswith(_FILE_SUFFIXES) or os.sep in value or Path(value).exists():
         return Policy.from_file(value)
     raise PolicyError(
-        f"`policy` must be a preset name (one of {sorted(PRESETS)}) or a path to a "
-        f".toml/.yaml/.json file{did_you_mean(value, PRESETS)}. Received: policy={value!r}"
+        f"`policy` must be a preset name (one of {sorted(PRESETS)}), a path to a "
+        f".toml/.yaml/.json file or inline JSON{did_you_mean(value, PRESETS)}. "
+        f"Received: policy={value!r}"
     )

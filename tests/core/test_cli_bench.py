@@ -78,4 +78,5 @@ def test_progress_bar_without_a_terminal_prints_few_lines() -> None:
     bar.close(100, 0.01, "done")
     lines = stream.getvalue().splitlines()
     assert len(lines) == 3
-    assert lines[-1].startswith("run |" + "#" * 24 + "| 100/100 loss 0.01") and "done" in lines[-1]
+    assert lines[-1].startswith("run |" + "#" * 24 + "| 100/100 train loss 0.01")
+    assert "done" in lines[-1]

@@ -147,8 +147,20 @@ def test_environment_variable(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv(ENV_VAR, '{"clip_norm": 3}')
     assert load_policy(None).clip_norm == 3.0
     monkeypatch.setenv(ENV_VAR, '{"clip_nrom": 3}')
-    with pytest.raises(PolicyError, match="clip_norm"):
+    with pytest.raises(PolicyError, match=r"^\$SAFEOPT_CONFIG: .*clip_norm"):
         load_policy(None)
+    monkeypatch.setenv(ENV_VAR, "strcit")
+    with pytest.raises(PolicyError, match=r"^\$SAFEOPT_CONFIG: .*did you mean 'strict'"):
+        load_policy(None)
+    monkeypatch.setenv(ENV_VAR, "  ")
+    with pytest.raises(PolicyError, match="set but empty"):
+        load_policy(None)
+
+
+def test_inline_json_is_a_policy_wherever_a_string_is() -> None:
+    assert load_policy('{"clip_norm": 2, "clip_value": 0.5}').clip_value == 0.5
+    with pytest.raises(PolicyError, match="inline JSON policy is invalid"):
+        load_policy('{"clip_norm": 2,')
 
 
 def test_replace_and_round_trip() -> None:

@@ -42,6 +42,9 @@ def test_demo_runs_bare_and_wrapped_and_writes_files(tmp_path: Path,
         # ... and learn (MLP ~11 from ~70; RNN ~0.25 from ~1.2; limits x2.5).
         assert _loss(wrapped) < WRAPPED_LOSS_BELOW[task], (task, wrapped)
         assert not _loss(bare) < 1000 * _loss(wrapped), (task, bare, wrapped)
+        # NaN steps are counted among the steps that ran, never the ones a stop skipped
+        assert bare["nan_steps"] <= bare["steps_run"] <= bare["steps"]
+    assert "Files go to" in out and out.count("| diverged |") == 2  # both bare runs
     lines = (tmp_path / "keras_rnn_safeopt.jsonl").read_text().splitlines()
     assert len(lines) == 30
     record = json.loads(lines[-1])
