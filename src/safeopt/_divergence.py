@@ -25,11 +25,42 @@ def raise_if_diverged(policy: Policy, counters: Mapping[str, Any], obj: Any = No
     streak = int(counters["consecutive_skips"])
     if limit is None or streak < limit:
         return
+    if policy.recover and int(counters.get("recoveries", 0)) < policy.max_recoveries:
+        return  # the adapter restores the last snapshot instead
     nonfinite = int(counters.get("streak_nonfinite", streak))
     raise DivergenceError(
         f"safeopt skipped {streak} consecutive updates (max_consecutive_skips={limit}): "
-        f"{cause(streak, nonfinite, policy)} Training stops here instead of going on with "
-        "garbage.", diagnosis=_diagnosis_of(obj), stats=dict(counters))
+        f"{cause(streak, nonfinite, policy)}{_recoveries(policy, counters)} Training stops "
+        "here instead of going on with garbage.", diagnosis=_diagnosis_of(obj),
+        stats=dict(counters))
+
+
+def raise_recovery_exhausted(policy: Policy, counters: Mapping[str, Any],
+                             obj: Any = None) -> None:
+    """Raises :class:`DivergenceError`: the run diverged once more than ``max_recoveries``.
+
+    Args:
+      policy: The policy in force (``recover`` is on).
+      counters: :func:`safeopt.stats` of the run (``recoveries``, ``last_recovery``).
+      obj: The wrapped optimizer or state, to attach its diagnosis.
+    """
+    n = int(counters.get("recoveries", 0))
+    raise DivergenceError(
+        f"safeopt's run diverged again after {n} recover{'y' if n == 1 else 'ies'} "
+        f"(max_recoveries={policy.max_recoveries}){_recoveries(policy, counters)} Restoring "
+        "once more would repeat what did not work: lower the learning rate, or look for what "
+        "changed in the data.", diagnosis=_diagnosis_of(obj), stats=dict(counters))
+
+
+def _recoveries(policy: Policy, counters: Mapping[str, Any]) -> str:
+    n = int(counters.get("recoveries", 0))
+    if not policy.recover or not n:
+        return "."
+    last = counters.get("last_recovery") or {}
+    return (f": each restored the last good snapshot and backed the learning rate off to "
+            f"{policy.recover_lr_factor:g}x; the last, at update {last.get('at')}, went back "
+            f"to update {last.get('restored_to')}; {int(counters.get('rolled_back', 0))} "
+            "updates were rolled back in all.")
 
 
 def cause(streak: int, nonfinite: int, policy: Policy) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from safeopt._features import adaptive, counters, monitor, penalty, scope, spike
+from safeopt._features import adaptive, counters, monitor, penalty, recovery, scope, spike
 from safeopt._kernels import Kernels
 from safeopt._policy import Policy
 from safeopt._state import State, keep_on_skip
@@ -67,18 +67,26 @@ class Decision(NamedTuple):
     """What to do with this update's gradients.
 
     Attributes:
-      skip: bool, skip the whole update.
+      skip: bool, skip the whole update (also when it recovers).
       scale: float32 in (0, 1], the global norm-clip multiplier (1 for the
         local scopes, which have clipped already).
       threshold: float32, the norm threshold in force (``inf`` without norm
         clipping).
       clipped: bool, whether a norm clip changed the applied update.
+      recover: bool, restore the snapshot instead (``None`` unless the policy
+        recovers; see :mod:`safeopt._features.recovery`).
+      snapshot: bool, snapshot the state before this update (``None`` likewise).
+      lr_factor: float32, the learning-rate back-off to apply to this update
+        (``None`` likewise).
     """
 
     skip: Array
     scale: Array
     threshold: Array
     clipped: Array
+    recover: Array | None = None
+    snapshot: Array | None = None
+    lr_factor: Array | None = None
 
 
 class Observed(NamedTuple):
@@ -188,6 +196,11 @@ def decide(xp: Namespace, policy: Policy, state: State,
                                                                   seen.loss)
     is_spike = spike.is_spike(xp, policy, state.spike, value)
     skip = _skip(xp, policy, seen, is_spike)
+    plan = None
+    if isinstance(state.recovery, recovery.RecoveryState):
+        streak = state.counters.consecutive_skips + 1
+        plan = recovery.plan(xp, policy, state.recovery, seen, stats, skip, streak)
+        skip = xp.logical_or(skip, plan.recover)
     apply = xp.logical_not(skip)
     if policy.clip_norm is not None and policy.norm_scope == "global":
         scale, clipped = scope.global_clip(xp, seen.norm, threshold)
@@ -196,7 +209,10 @@ def decide(xp: Namespace, policy: Policy, state: State,
         scale = xp.full_like(seen.norm, 1.0, xp.float32)
     decision = Decision(skip=skip, scale=xp.astype(scale, xp.float32),
                         threshold=xp.astype(threshold, xp.float32),
-                        clipped=xp.logical_and(apply, clipped))
+                        clipped=xp.logical_and(apply, clipped),
+                        recover=None if plan is None else plan.recover,
+                        snapshot=None if plan is None else plan.snapshot,
+                        lr_factor=None if plan is None else plan.lr_factor)
     new = State(
         counters=counters.update(xp, policy, state.counters, seen, decision,
                                  _false(xp, seen.norm) if is_spike is None else is_spike,
@@ -205,6 +221,7 @@ def decide(xp: Namespace, policy: Policy, state: State,
         spike=spike.update(xp, state.spike, value),
         penalty=penalty.update(xp, state.penalty, stats.weight_norm),
         monitor=monitor.update(xp, policy, state.monitor, state.counters, seen, stats, apply),
+        recovery=state.recovery if plan is None else plan.state,
     )
     return decision, keep_on_skip(xp, state, new, apply)
 

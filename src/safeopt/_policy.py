@@ -93,6 +93,18 @@ class Policy(metaclass=_ValidatingMeta):
       weight_norm_max: Weight-norm threshold for ``penalty_when``.
       weight_growth_max: Relative weight-norm growth per step above which the
         adaptive penalty turns on.
+      recover: Restore the last good snapshot (parameters, optimizer state,
+        safeopt's statistics) when the run diverges, instead of raising: see
+        :mod:`safeopt._features.recovery` (PaLM's restart, done in place).
+      snapshot_every: Updates between snapshots (taken only when healthy).
+      max_recoveries: Restores allowed; the next divergence raises
+        :class:`safeopt.DivergenceError` naming them.
+      recover_patience: Updates in a row whose loss (or gradient norm)
+        stays ``spike_k`` standard deviations above its baseline that count
+        as a divergence.
+      recover_lr_factor: The learning rate right after a restore, as a
+        fraction of its scheduled value.
+      recover_warmup: Updates over which the factor returns linearly to 1.
       log_every: Telemetry interval in steps; 0 (the default) records nothing.
         Every ``log_every``-th step, one host read builds a record (see
         :mod:`safeopt._telemetry`) and hands it to the sinks below and to
@@ -133,6 +145,12 @@ class Policy(metaclass=_ValidatingMeta):
     penalty_when: PenaltyWhen = "always"
     weight_norm_max: float | None = None
     weight_growth_max: float | None = None
+    recover: bool = False
+    snapshot_every: int = 100
+    max_recoveries: int = 3
+    recover_patience: int = 10
+    recover_lr_factor: float = 0.1
+    recover_warmup: int = 100
     log_every: int = 0
     log_file: str | None = None
     log_logger: str | None = None

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from safeopt._features import adaptive, counters, monitor, penalty, spike
+from safeopt._features import adaptive, counters, monitor, penalty, recovery, spike
 from safeopt._features.base import Empty
 from safeopt._policy import Policy
 from safeopt._xp import Array, Namespace
@@ -31,11 +31,13 @@ class State(NamedTuple):
     spike: spike.SpikeState | Empty
     penalty: penalty.PenaltyState | Empty
     monitor: monitor.MonitorState | Empty
+    recovery: recovery.RecoveryState | Empty
 
 
 #: The feature modules, by their field in :class:`State`.
 FEATURES: dict[str, ModuleType] = {"counters": counters, "adaptive": adaptive, "spike": spike,
-                                   "penalty": penalty, "monitor": monitor}
+                                   "penalty": penalty, "monitor": monitor,
+                                   "recovery": recovery}
 
 
 def init_state(xp: Namespace, policy: Policy, n_tensors: int = 0,

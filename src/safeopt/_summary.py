@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from safeopt._divergence import raise_if_diverged
+from safeopt._features.base import Empty
 from safeopt._policy import Policy
 from safeopt._registry import read_state
 from safeopt._state import State
@@ -30,6 +31,13 @@ def summarize(policy: Policy, state: State, extra: dict[str, Any] | None = None,
         out["last_loss"] = None  # never given: absent, not NaN
     if math.isnan(out["last_weight_norm"]):
         del out["last_weight_norm"]  # never gathered (monitor off, or no update yet)
+    rec = state.recovery
+    if not isinstance(rec, Empty):
+        out["recoveries"] = int(np.asarray(rec.recoveries))
+        out["rolled_back"] = int(np.asarray(rec.rolled_back))
+        at = int(np.asarray(rec.last_at))
+        out["last_recovery"] = None if at < 0 else {
+            "at": at, "restored_to": int(np.asarray(rec.last_from))}
     out["policy"] = "off" if policy.is_noop else "on"
     out.update(extra or {})
     out["clip_rate"] = out["norm_clips"] / out["steps"] if out["steps"] else 0.0
@@ -53,8 +61,10 @@ def stats(obj: Any) -> dict[str, Any]:
       ones), ``nonfinite``, ``spikes``, ``norm_clips``, ``value_clips``,
       ``last_norm``, ``last_scale``, ``threshold``, ``last_loss`` (``None``
       when no loss was ever given), ``last_weight_norm`` (when gathered),
-      ``clip_rate``, ``skip_rate``, and adapter facts: ``framework``,
-      ``path``, ``names``...
+      ``clip_rate``, ``skip_rate``; with ``recover``, ``recoveries``,
+      ``rolled_back`` (updates discarded by restores) and ``last_recovery``
+      (``{"at": update index, "restored_to": update index of the snapshot}``,
+      or ``None``); and adapter facts: ``framework``, ``path``, ``names``...
     """
     policy, state, extra = read_state(obj)
     return summarize(policy, state, extra)

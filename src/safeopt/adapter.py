@@ -13,8 +13,9 @@ suite every adapter runs.
 
 from safeopt._diagnose import diagnose_state, layer_names
 from safeopt._diagnosis import Diagnosis
-from safeopt._divergence import raise_if_diverged
+from safeopt._divergence import raise_if_diverged, raise_recovery_exhausted
 from safeopt._features.base import EMPTY, Empty
+from safeopt._features.recovery import after_restore
 from safeopt._features.scope import clip_scale, inverse_scale, unit_scale
 from safeopt._kernels import Kernels
 from safeopt._legacy import FIELDS_0_1, is_legacy, upgrade
@@ -53,6 +54,7 @@ from safeopt._state import (
     map_state,
     unflatten,
 )
+from safeopt._snapshots import HostRecovery
 from safeopt._summary import summarize
 from safeopt._xp import Array, Namespace, namespace, namespace_by_name
 
@@ -68,6 +70,7 @@ __all__ = [
     "Diagnosis",
     "Empty",
     "GradStats",
+    "HostRecovery",
     "Kernels",
     "Namespace",
     "Policy",
@@ -75,6 +78,7 @@ __all__ = [
     "State",
     "Step",
     "adapter_for_framework",
+    "after_restore",
     "after_step",
     "apply",
     "checked_log_every",
@@ -96,6 +100,7 @@ __all__ = [
     "namespace",
     "namespace_by_name",
     "raise_if_diverged",
+    "raise_recovery_exhausted",
     "read_state",
     "record",
     "step",

@@ -19,8 +19,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from safeopt._diagnose import layer_names
-from safeopt._divergence import raise_if_diverged
+from safeopt._divergence import raise_if_diverged, raise_recovery_exhausted
 from safeopt._errors import DivergenceError
+from safeopt._features.recovery import after_restore
 from safeopt._kernels import Kernels
 from safeopt._pipeline import step
 from safeopt._policy import Policy, load_policy
@@ -104,12 +105,18 @@ def guarded(update: Callable[[], Any], obj: Callable[[], Any]) -> str | None:
 
 
 def reference(case: Case) -> Trace:
-    """Runs ``case`` through the NumPy reference: the core's step with the default kernels."""
+    """Runs ``case`` through the NumPy reference: the core's step with the default kernels.
+
+    With ``recover``, the reference keeps the snapshot (parameters and
+    state before the update that takes it) and restores it on a recovery,
+    as every adapter must.
+    """
     policy = policy_of(case)
     xp = namespace_by_name("numpy")
     kernels = Kernels(xp)
     params = case.arrays("params")
     state = init_state(xp, policy, n_tensors=len(params))
+    snapshot: tuple[list[np.ndarray], State] | None = None
     trace: Trace = []
     for update in case.updates:
         params = case.set_weights(params, update)
@@ -119,18 +126,40 @@ def reference(case: Case) -> Trace:
         with np.errstate(all="ignore"):
             out = step(kernels, policy, state, grads, [params[i] for i in present], loss,
                        positions=present, n_tensors=len(params))
-        state = out.state
-        if not bool(out.decision.skip):
-            for i, g in zip(present, out.grads):
-                params[i] = (params[i] - g).astype(np.float32)
-        extra = {"names": list(case.names)}
+        d = out.decision
         error = None
-        try:
-            check_divergence_state(policy, state)
-        except DivergenceError as err:
-            error = first_line(err)
+        if d.snapshot is not None and bool(d.snapshot):
+            snapshot = ([p.copy() for p in params], state)
+        if d.recover is not None and bool(d.recover):
+            state, params, error = _recover(policy, out.state, params, snapshot)
+        else:
+            state = out.state
+            if not bool(d.skip):
+                factor = 1.0 if d.lr_factor is None else float(d.lr_factor)
+                for i, g in zip(present, out.grads):
+                    params[i] = (params[i] - np.float32(factor) * g).astype(np.float32)
+        if error is None:
+            try:
+                check_divergence_state(policy, state)
+            except DivergenceError as err:
+                error = first_line(err)
+        extra = {"names": list(case.names)}
         trace.append(_snapshot(policy, state, extra, [p.copy() for p in params], error))
     return trace
+
+
+def _recover(policy: Policy, now: State, params: list[np.ndarray],
+             snapshot: tuple[list[np.ndarray], State] | None,
+             ) -> tuple[State, list[np.ndarray], str | None]:
+    """Restores ``snapshot``, or gives the error of a recovery that cannot be made."""
+    if snapshot is None or int(np.asarray(now.recovery.recoveries)) >= policy.max_recoveries:
+        try:
+            raise_recovery_exhausted(policy, summarize(policy, now))
+        except DivergenceError as err:
+            return now, params, first_line(err)
+    assert snapshot is not None
+    xp = namespace_by_name("numpy")
+    return after_restore(xp, now, snapshot[1]), [p.copy() for p in snapshot[0]], None
 
 
 def check_divergence_state(policy: Policy, state: State) -> None:
@@ -156,7 +185,8 @@ def expect(case: Case, trace: Trace, rtol: float = 1e-5, atol: float = 1e-6) -> 
     """Asserts the case's hand-written expectations on ``trace``."""
     name = case.name
     if case.skipped is not None:
-        got = tuple(s.record["consecutive_skips"] > 0 for s in trace)
+        skips = [0] + [s.record["skips"] for s in trace]
+        got = tuple(b > a for a, b in zip(skips, skips[1:]))
         assert got == case.skipped, f"{name}: skipped {got} != {case.skipped}"
     if case.final is not None:
         _close(trace[-1].params, case.arrays("final"), f"{name}: final params", rtol, atol)

@@ -1,8 +1,9 @@
 """A toy NumPy optimizer and its safeopt adapter: what a third-party plug-in looks like.
 
 It uses only :mod:`safeopt.adapter`: the core's step with the default
-kernels, and the core's divergence check, telemetry and diagnosis, which it
-does not write.
+kernels, and the core's divergence check, recovery bookkeeping, telemetry and
+diagnosis, which it does not write (it says how to copy and put back its
+parameters for a recovery, and scales a backed-off update).
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ class SafeToySGD:
         self.kernels = sa.Kernels(sa.namespace_by_name("numpy"))
         self.state = sa.init_state(self.kernels.xp, policy, n_tensors=len(inner.params))
         self.steps = 0
+        self.recovery = sa.HostRecovery(policy, copy=lambda: [p.copy() for p in inner.params],
+                                        restore=self._put_back)
+
+    def _put_back(self, params: list[np.ndarray]) -> None:
+        for p, saved in zip(self.inner.params, params):
+            p[...] = saved
 
     def step(self, grads: list[np.ndarray | None], loss: float | None = None) -> None:
         """One protected step (``None``: that parameter has no gradient)."""
@@ -45,11 +52,14 @@ class SafeToySGD:
                           [self.inner.params[i] for i in present],
                           None if loss is None else np.float32(loss),
                           positions=present, n_tensors=len(grads))
-        self.state = out.state
+        self.recovery.before_apply(out.decision, self.state)
+        self.state = out.state  # counted, even if the recoveries have run out
+        self.state = self.recovery.recover(self.kernels.xp, out.decision, out.state, self)
         if not bool(out.decision.skip):  # NumPy: reading the flag costs nothing
+            factor = 1.0 if out.decision.lr_factor is None else float(out.decision.lr_factor)
             new: list[np.ndarray | None] = [None] * len(grads)
             for i, g in zip(present, out.grads):
-                new[i] = g
+                new[i] = np.float32(factor) * g
             self.inner.step(new)
         self.steps += 1
         sa.after_step(self, self.steps, self.policy, check=False)
