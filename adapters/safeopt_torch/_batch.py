@@ -1,8 +1,9 @@
 """The parameters that have a gradient this step, grouped by device and dtype.
 
-:func:`collect` gathers them (the local shards of FSDP2's ``DTensor``
-parameters, with the reduction across the ranks that hold the shards) into a
-:class:`Batch`, which :class:`safeopt_torch._kernels.TorchKernels` reads.
+:func:`collect` gathers them (the local shards of ``DTensor`` parameters,
+FSDP2's and tensor parallelism's, with the reduction of each tensor's
+statistics over the ranks that hold its shards) into a :class:`Batch`,
+which :class:`safeopt_torch._kernels.TorchKernels` reads.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ except ImportError:  # pragma: no cover - such builds are rare
     DTensor = None
 
 Groups = list[tuple[torch.device | None, list[int]]]
+
+_MAX_LAYOUTS = 16  # shard reductions kept between steps
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -80,6 +83,9 @@ class ShardReduce:
 
     groups: list[Any]
     masks: list[Tensor | None]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ShardReduce:
+        return self  # process groups are handles of the process; the masks never change
 
     def sum(self, values: Tensor) -> Tensor:
         """All-reduces (SUM) ``values`` (per batch entry) over each entry's shard groups."""
@@ -158,6 +164,8 @@ def _cached_shard_reduce(params: list[Tensor], grads: list[Tensor], device: torc
         return _shard_reduce(params, grads, device)
     key = ("shard", device, *(_layout_key(p, g) for p, g in zip(params, grads)))
     if key not in cache:
+        if len(cache) >= _MAX_LAYOUTS:  # the parameters that have a gradient keep changing
+            cache.clear()
         cache[key] = _shard_reduce(params, grads, device)
     return cache[key]
 

@@ -6,9 +6,10 @@ of ``"param_groups"``::
 
     {"state": {...}, "param_groups": [{"lr": ..., "params": [...],
         "safeopt": {"state": {"counters.steps": tensor, ...},   # every field
-                    "host_step": int, "policy": {...}}}, ...]}
+                    "host_step": int, "policy": "{...}"}}, ...]}
 
-(the same ``"safeopt"`` dict in every group). That is where
+(the same ``"safeopt"`` dict in every group; the policy as JSON text, one
+item for DCP instead of one per setting). That is where
 ``torch.distributed.checkpoint`` keeps it: ``get_optimizer_state_dict`` /
 ``set_optimizer_state_dict`` (the FSDP2 checkpoint path) copy only
 ``"state"`` (per parameter, keyed by its name) and ``"param_groups"``,
@@ -33,11 +34,14 @@ the inner optimizer without counting it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from safeopt import Policy
 from safeopt_torch import _batch
 from safeopt_torch._stages import Stages
 
@@ -51,10 +55,15 @@ def mark(param_groups: list[dict[str, Any]]) -> None:
         group.setdefault(KEY, None)
 
 
-def attach(state_dict: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
-    """``state_dict`` (not changed) with ``entry`` under the key of every parameter group."""
+def entry(tensors: dict[str, Tensor], host_step: int, policy: Policy) -> dict[str, Any]:
+    """safeopt's entry: its state, the wrapper's step count and the policy (JSON text)."""
+    return {"state": tensors, "host_step": host_step, "policy": json.dumps(policy.to_dict())}
+
+
+def attach(state_dict: dict[str, Any], value: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` (not changed) with ``value`` under the key of every parameter group."""
     out = dict(state_dict)
-    out["param_groups"] = [{**group, KEY: entry} for group in state_dict["param_groups"]]
+    out["param_groups"] = [{**group, KEY: value} for group in state_dict["param_groups"]]
     return out
 
 
@@ -72,12 +81,12 @@ def detach(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], Mapping[str, 
     found = [group.get(KEY) for group in groups if isinstance(group, Mapping)]
     inner["param_groups"] = [{**group, KEY: None} if isinstance(group, Mapping) else group
                              for group in groups]
-    entry = next((e for e in found if e is not None), top)
-    if entry is not None and not (isinstance(entry, Mapping) and "state" in entry):
+    saved = next((e for e in found if e is not None), top)
+    if saved is not None and not (isinstance(saved, Mapping) and "state" in saved):
         raise ValueError(
             f"The `{KEY}` entry of an optimizer state dict must be a dict with a 'state' key, "
-            f"as SafeOptimizer.state_dict() writes it. Received: {KEY}={entry!r}")
-    return inner, entry
+            f"as SafeOptimizer.state_dict() writes it. Received: {KEY}={saved!r}")
+    return inner, saved
 
 
 def is_state_init(inner: torch.optim.Optimizer, device: torch.device, stages: Stages | None,

@@ -257,7 +257,7 @@ class SafeOptimizer(torch.optim.Optimizer):
         and the clip scale are the whole model's and every rank of every
         stage takes the same decision, as torchtitan's ``clip_grad_norm_``
         reduces the norm over ``pp_mesh``. Every stage must call ``step`` on
-        every iteration. Pass ``loss=`` on the stage(s) that compute it (the
+        every iteration, with gradients. Pass ``loss=`` on the stage(s) that compute it (the
         first stage given one provides it to all); a stage given no loss
         reads whether another was (one flag, a host read on an accelerator).
         The per-layer monitor stays per stage.
@@ -307,7 +307,7 @@ class SafeOptimizer(torch.optim.Optimizer):
         """The inner optimizer's state dict, with safeopt's state in every parameter group.
 
         Every entry of ``param_groups`` carries ``"safeopt"``: ``{"state":
-        {"feature.field": tensor}, "host_step": int, "policy": dict}``, where
+        {"feature.field": tensor}, "host_step": int, "policy": JSON text}``, where
         ``torch.distributed.checkpoint`` (``get_optimizer_state_dict``, with
         or without ``flatten_optimizer_state_dict``) keeps it; see
         :mod:`safeopt_torch._checkpoint`. The state-dict hooks registered on
@@ -317,8 +317,7 @@ class SafeOptimizer(torch.optim.Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         _checkpoint.mark(self._inner.param_groups)
-        entry = {"state": self._run.tensors(), "host_step": self._host_step,
-                 "policy": self.policy.to_dict()}
+        entry = _checkpoint.entry(self._run.tensors(), self._host_step, self.policy)
         out = _checkpoint.attach(self._inner.state_dict(), entry)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, out)
@@ -392,8 +391,10 @@ class SafeOptimizer(torch.optim.Optimizer):
         return closure_loss
 
     def _state_init(self) -> bool:
-        """Hands DCP's state-creating step to the inner optimizer, uncounted (see
-        :mod:`safeopt_torch._checkpoint`); whether this step was one."""
+        """Whether this is DCP's state-creating step, handed to the inner optimizer uncounted.
+
+        See :func:`safeopt_torch._checkpoint.is_state_init`.
+        """
         run = self._run
         if not _checkpoint.is_state_init(self._inner, run.device, run.stages, run.shards):
             return False

@@ -54,6 +54,9 @@ class Stages:
     def __init__(self, group: Any) -> None:
         self.group = group
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Stages:
+        return self  # a process group is a handle of the process: copies share it
+
     def combine(self, stats: sa.GradStats, device: torch.device) -> sa.GradStats:
         """The statistics of the whole model from the stages' (one all-gather).
 

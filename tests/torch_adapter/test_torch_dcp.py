@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ def test_every_param_group_carries_safeopt_state() -> None:
     assert "safeopt" not in sd
     first, second = (group["safeopt"] for group in sd["param_groups"])
     assert first is second
-    assert first["host_step"] == 4 and first["policy"] == opt.policy.to_dict()
+    assert first["host_step"] == 4 and json.loads(first["policy"]) == opt.policy.to_dict()
     assert int(first["state"]["counters.skips"]) == 1
     assert int(first["state"]["counters.steps"]) == 3
     # the live groups carry the key, so that DCP's flattened loads read it back

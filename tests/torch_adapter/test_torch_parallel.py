@@ -51,6 +51,8 @@ def test_every_rank_decides_as_one_process_on_the_whole_model(
         first = run["first_param"]
         for p, q in zip(run["params"], want["params"][first:]):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        if job == "pipeline":  # a deep copy of the wrapper shares the process group
+            assert run["copy_shares_group"]
         if job != "tp_fsdp":  # a stage holds its own layers only
             assert len(run["params"]) == len(want["params"]) // 2
 

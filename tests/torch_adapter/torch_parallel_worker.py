@@ -15,6 +15,7 @@ at step :data:`POISONED`; the loss is passed on the last stage only.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -99,6 +100,7 @@ def pipeline(rank: int, out_dir: str) -> dict[str, Any]:
         out[name] = _train("pipeline", rank, stage, opt, stage_index=rank, peer=1 - rank,
                            replica=0, replica_group=None)
         out[name]["first_param"] = 0 if rank == 0 else _n_params(net()[:SPLIT])
+        out[name]["copy_shares_group"] = copy.deepcopy(opt).pipeline_group is opt.pipeline_group
     return out
 
 
