@@ -1,8 +1,9 @@
 """The parameters that have a gradient this step, grouped by device and dtype.
 
-:func:`collect` gathers them (the local shards of FSDP2's ``DTensor``
-parameters, with the reduction across the ranks that hold the shards) into a
-:class:`Batch`, which :class:`safeopt_torch._kernels.TorchKernels` reads.
+:func:`collect` gathers them (the local shards of ``DTensor`` parameters,
+FSDP2's and tensor parallelism's, with the reduction of each tensor's
+statistics over the ranks that hold its shards) into a :class:`Batch`,
+which :class:`safeopt_torch._kernels.TorchKernels` reads.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ except ImportError:  # pragma: no cover - such builds are rare
     DTensor = None
 
 Groups = list[tuple[torch.device | None, list[int]]]
+
+_MAX_LAYOUTS = 16  # shard reductions kept between steps
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -65,40 +68,51 @@ class Batch:
 class ShardReduce:
     """How to sum per-tensor statistics of DTensor shards across ranks.
 
+    Each batch entry is summed over the process groups of the mesh
+    dimensions it is sharded on (``Shard`` placements, FSDP2's
+    ``_StridedShard`` included), and over no others: under FSDP2 x tensor
+    parallel a row-wise weight is summed over both mesh dimensions, a
+    column-wise bias replicated over the tensor-parallel dimension only over
+    the data-parallel one, and a plain tensor (replicated) over none.
+
     Attributes:
-      groups: Process groups of the mesh dimensions the tensors are sharded on.
-      mask: float32 1-d, 1 where the batch entry is a DTensor shard (plain
-        tensors are replicated and must not be summed); ``None`` when all are.
+      groups: The process groups, in an order every rank shares.
+      masks: Per group, float32 1-d, 1 where the batch entry is sharded over
+        it; ``None`` when every entry is.
     """
 
     groups: list[Any]
-    mask: Tensor | None
+    masks: list[Tensor | None]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ShardReduce:
+        return self  # process groups are handles of the process; the masks never change
 
     def sum(self, values: Tensor) -> Tensor:
-        """All-reduces (SUM) ``values`` (per batch entry) over the shard groups."""
-        part = values if self.mask is None else values * self.mask
-        part = part.clone()
-        for group in self.groups:
+        """All-reduces (SUM) ``values`` (per batch entry) over each entry's shard groups."""
+        for group, mask in zip(self.groups, self.masks):
+            part = values.clone() if mask is None else values * mask
             dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
-        if self.mask is None:
-            return part
-        return torch.where(self.mask > 0, part, values)
+            values = part if mask is None else torch.where(mask > 0, part, values)
+        return values
 
     def max(self, value: Tensor) -> Tensor:
-        """All-reduces (MAX) a 0-d ``value`` over the shard groups."""
+        """All-reduces (MAX) a 0-d ``value`` over every shard group (replicas agree)."""
         out = value.clone()
         for group in self.groups:
             dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
         return out
 
 
-def collect(param_groups: list[dict[str, Any]], device: torch.device, sharded: bool) -> Batch:
+def collect(param_groups: list[dict[str, Any]], device: torch.device, sharded: bool,
+            cache: dict[Any, Any] | None = None) -> Batch:
     """Gathers the parameters that have a gradient, grouped by device and dtype.
 
     Args:
       param_groups: The optimizer's parameter groups.
       device: Where safeopt's state lives.
       sharded: Whether any parameter is a DTensor (checked once by the caller).
+      cache: Where the shard reductions are kept between steps (their masks
+        are built once per set of parameters); ``None`` builds them anew.
     """
     params: list[Tensor] = []
     grads: list[Tensor] = []
@@ -117,13 +131,11 @@ def collect(param_groups: list[dict[str, Any]], device: torch.device, sharded: b
             "safeopt does not support sparse gradients. Received: a sparse gradient; use a "
             "dense embedding (sparse=False) or leave that parameter out of the wrapper."
         )
-    if sharded:
-        local_params = [local(p) for p in params]
-        local_grads = [local(g) for g in grads]
-    else:
-        local_params, local_grads = params, grads
-    return Batch(params, local_params, local_grads, index, _groups(local_grads),
-                 _shard_reduce(params, device) if sharded else None)
+    if not sharded:
+        return Batch(params, params, grads, index, _groups(grads), None)
+    local_grads = [local(g) for g in grads]
+    return Batch(params, [local(p) for p in params], local_grads, index, _groups(local_grads),
+                 _cached_shard_reduce(params, grads, device, cache))
 
 
 def _groups(grads: list[Tensor]) -> Groups:
@@ -146,26 +158,65 @@ def any_dtensor(param_groups: list[dict[str, Any]]) -> bool:
         isinstance(p, DTensor) for group in param_groups for p in group["params"])
 
 
-def _shard_reduce(params: list[Tensor], device: torch.device) -> ShardReduce | None:
-    sharded = [is_dtensor(p) for p in params]
-    if not any(sharded):
-        return None
-    keys = set()
-    for p in params:
-        if is_dtensor(p):
-            dims = tuple(d for d, pl in enumerate(p.placements)  # type: ignore[attr-defined]
-                         if pl.is_shard())
-            keys.add((id(p.device_mesh), dims))  # type: ignore[attr-defined]
-    if len(keys) != 1:
+def _cached_shard_reduce(params: list[Tensor], grads: list[Tensor], device: torch.device,
+                        cache: dict[Any, Any] | None) -> ShardReduce | None:
+    if cache is None:
+        return _shard_reduce(params, grads, device)
+    key = ("shard", device, *(_layout_key(p, g) for p, g in zip(params, grads)))
+    if key not in cache:
+        if len(cache) >= _MAX_LAYOUTS:  # the parameters that have a gradient keep changing
+            cache.clear()
+        cache[key] = _shard_reduce(params, grads, device)
+    return cache[key]
+
+
+def _layout_key(p: Tensor, g: Tensor) -> tuple[Any, ...]:
+    if not is_dtensor(p):
+        return (id(p),)
+    return (id(p), id(p.device_mesh), tuple(p.placements),  # type: ignore[attr-defined]
+            tuple(g.placements) if is_dtensor(g) else None)  # type: ignore[attr-defined]
+
+
+def _split(placement: Any) -> bool:
+    """Whether a placement splits the tensor over its mesh dimension.
+
+    ``Shard`` and FSDP2's ``_StridedShard`` (which is not a ``Shard`` and
+    whose ``is_shard()`` is false in recent torch) do; ``Replicate`` does not.
+    """
+    return not (placement.is_replicate() or placement.is_partial())
+
+
+def _shard_groups(p: Tensor, g: Tensor) -> list[Any]:
+    """The process groups of the mesh dimensions ``p`` is split over (checked against ``g``)."""
+    placements = tuple(p.placements)  # type: ignore[attr-defined]
+    grad = tuple(g.placements) if is_dtensor(g) else None  # type: ignore[attr-defined]
+    if any(pl.is_partial() for pl in placements + (grad or ())) or (
+            grad is not None and grad != placements):
         raise NotImplementedError(
-            "safeopt needs every DTensor parameter on one device mesh with the same sharded "
-            f"mesh dimensions. Received: {len(keys)} different (mesh, sharded dims) layouts; "
-            "wrap one optimizer per mesh."
+            "safeopt needs each DTensor gradient laid out like its parameter, with no Partial "
+            f"placement. Received: a parameter with placements {placements} and its gradient "
+            f"with {grad}; redistribute the gradient to the parameter's placements before "
+            "opt.step()."
         )
-    first = next(p for p in params if is_dtensor(p))
-    (_, dims), = keys
-    groups = [first.device_mesh.get_group(d) for d in dims]  # type: ignore[attr-defined]
-    mask = None
-    if not all(sharded):
-        mask = torch.tensor([float(s) for s in sharded], dtype=torch.float32, device=device)
-    return ShardReduce(groups, mask)
+    mesh = p.device_mesh  # type: ignore[attr-defined]
+    return [mesh.get_group(dim) for dim, pl in enumerate(placements) if _split(pl)]
+
+
+def _shard_reduce(params: list[Tensor], grads: list[Tensor],
+                  device: torch.device) -> ShardReduce | None:
+    """The reduction of each parameter's statistics over the groups it is sharded on."""
+    groups: dict[int, Any] = {}  # by id, in the order of the first parameter that uses it
+    members: list[set[int]] = []  # per parameter, the ids of its shard groups
+    for p, g in zip(params, grads):
+        found = _shard_groups(p, g) if is_dtensor(p) else []
+        for group in found:
+            groups.setdefault(id(group), group)
+        members.append({id(group) for group in found})
+    if not groups:
+        return None
+    masks: list[Tensor | None] = []
+    for key in groups:
+        inside = [key in ids for ids in members]
+        masks.append(None if all(inside) else torch.tensor(
+            [float(s) for s in inside], dtype=torch.float32, device=device))
+    return ShardReduce(list(groups.values()), masks)

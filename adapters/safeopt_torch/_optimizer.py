@@ -80,12 +80,31 @@ gradients itself and does not call ``step`` on an overflow (its own
 
 Distributed: under DDP the gradients are already averaged, so every rank
 takes the same decision (a NaN on one rank reaches all of them through the
-all-reduce). Under FSDP2 (``fully_shard``, DTensor parameters) the per-tensor
-squared norms of the local shards are summed across the ranks holding the
-shards (one all-reduce of a small vector; a max all-reduce for
+all-reduce). Under FSDP2 (``fully_shard``, DTensor parameters), alone or
+with tensor parallelism on a 2-D mesh, each tensor's squared norm on the
+local shard is summed over the process groups of the mesh dimensions that
+tensor is split on (FSDP2's ``Shard`` and ``_StridedShard``, tensor
+parallelism's ``Shard``), and over none it is replicated on: one
+all-reduce of a small vector per group (a max all-reduce for
 ``clip_value``), so the global norm, the skip flag and the clip scale are
-the same on every rank. Known limit: ``norm_scope="unitwise"`` under FSDP2
-treats a sharded 1-d tensor (a bias) shard by shard.
+the whole model's on every rank. Under pipeline parallelism each stage's
+optimizer holds its stage's parameters: declare the group that joins the
+stages (:attr:`SafeOptimizer.pipeline_group`) and every step combines the
+stages' statistics over it, as torchtitan's ``clip_grad_norm_`` reduces the
+norm over ``pp_mesh``. A gradient whose layout differs from its
+parameter's, or with a ``Partial`` placement, is refused. Known limit:
+``norm_scope="unitwise"`` computes unit norms on the local shards, so a
+tensor split along another dimension than its first (a sharded bias, a
+row-wise tensor-parallel weight) is clipped shard by shard.
+
+Checkpoints: :meth:`~SafeOptimizer.state_dict` puts safeopt's state in
+every entry of ``param_groups``, where ``torch.distributed.checkpoint``
+(``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, ``dcp.save``
+/ ``dcp.load``) keeps it; the zero-gradient step at learning rate 0 with
+which DCP creates a new optimizer's state is handed to the inner optimizer
+and not counted (see :mod:`safeopt_torch._checkpoint`). safeopt's state is
+the same on every rank (DCP saves one copy) when the ``loss`` given to
+``step`` is too: pass the mean over the ranks.
 
 Like ``clip_grad_norm_``, the wrapper leaves the clipped gradients in
 ``.grad`` (the fused kernels write back the gradient they divided by
@@ -110,7 +129,7 @@ from torch import Tensor
 
 import safeopt.adapter as sa
 from safeopt import Policy
-from safeopt_torch import _batch
+from safeopt_torch import _batch, _checkpoint, _stages
 from safeopt_torch._runner import Runner
 
 
@@ -143,7 +162,7 @@ class SafeOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, inner: torch.optim.Optimizer, policy: Policy, *,
-                 decide_on: str = "auto") -> None:
+                 decide_on: str = "auto", pipeline_group: Any = None) -> None:
         """Wraps ``inner``.
 
         Args:
@@ -151,6 +170,9 @@ class SafeOptimizer(torch.optim.Optimizer):
           policy: The policy in force.
           decide_on: ``"auto"`` (host on CPU, device elsewhere), ``"host"``
             (CPU only) or ``"device"``; see the module docstring.
+          pipeline_group: The process group over the pipeline stages, when
+            ``inner`` holds one stage's parameters (see
+            :attr:`pipeline_group`).
         """
         # Optimizer.__init__ would build param groups of its own: the state is
         # the inner optimizer's, so only the hook tables are set up here.
@@ -168,6 +190,8 @@ class SafeOptimizer(torch.optim.Optimizer):
         self._pending_loss: Any = None
         device = _first_device(inner)
         self._run = Runner(inner, policy, _decide_on_host(decide_on, device), device)
+        self.pipeline_group = pipeline_group
+        _checkpoint.mark(inner.param_groups)
 
     # -- shared with the inner optimizer --------------------------------------
     @property
@@ -221,6 +245,37 @@ class SafeOptimizer(torch.optim.Optimizer):
         """``"host"`` or ``"device"``: where the decision is taken (see the module docstring)."""
         return "host" if self._run.on_host else "device"
 
+    @property
+    def pipeline_group(self) -> Any:
+        """The process group over the pipeline stages (``None``: this optimizer sees the model).
+
+        Under pipeline parallelism each stage's optimizer holds that stage's
+        parameters. Set this to the group that joins the stages (one rank
+        per stage; a 1-D ``DeviceMesh`` such as torchtitan's ``pp_mesh``
+        works too), on every stage, before the first step::
+
+            opt = safeopt.wrap(torch.optim.AdamW(stage.parameters(), fused=True), policy)
+            opt.pipeline_group = pp_mesh  # or SafeOptimizer(..., pipeline_group=pp_mesh)
+
+        Every step then combines the stages' statistics (the squared norms,
+        the largest ``|g|``, the clip flag of a local scope, the loss) with
+        one all-gather over the group, so that the global norm, the skip flag
+        and the clip scale are the whole model's and every rank of every
+        stage takes the same decision, as torchtitan's ``clip_grad_norm_``
+        reduces the norm over ``pp_mesh``. Every stage must call ``step`` on
+        every iteration, with gradients. Pass ``loss=`` on the stage(s) that compute it (the
+        first stage given one provides it to all); a stage given no loss
+        reads whether another was (one flag, a host read on an accelerator).
+        The per-layer monitor stays per stage.
+        """
+        stages = self._run.stages
+        return None if stages is None else stages.group
+
+    @pipeline_group.setter
+    def pipeline_group(self, value: Any) -> None:
+        group = _stages.pipeline_group(value)
+        self._run.stages = None if group is None else _stages.Stages(group)
+
     def __getattr__(self, name: str) -> Any:
         # Public attributes of the inner optimizer (e.g. custom ones) read through.
         if name.startswith("_") or name in ("grad_scale", "found_inf"):
@@ -249,30 +304,55 @@ class SafeOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a parameter group to the inner optimizer; safeopt's per-tensor state grows."""
         self._inner.add_param_group(param_group)
+        _checkpoint.mark(self._inner.param_groups)
         self._fused = _fused_capable(self._inner)
         self._inner_ready = False
         self._run.resize()
 
     def state_dict(self) -> dict[str, Any]:
-        """The inner optimizer's state dict plus safeopt's state under ``"safeopt"``."""
-        out = self._inner.state_dict()
-        out["safeopt"] = {"state": self._run.tensors(), "host_step": self._host_step,
-                          "policy": self.policy.to_dict()}
+        """The inner optimizer's state dict, with safeopt's state in every parameter group.
+
+        Every entry of ``param_groups`` carries ``"safeopt"``: ``{"state":
+        {"feature.field": tensor}, "host_step": int, "policy": JSON text}``, where
+        ``torch.distributed.checkpoint`` (``get_optimizer_state_dict``, with
+        or without ``flatten_optimizer_state_dict``) keeps it; see
+        :mod:`safeopt_torch._checkpoint`. The state-dict hooks registered on
+        the wrapper run around it, as on any ``torch.optim.Optimizer`` (the
+        inner optimizer's run inside).
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        _checkpoint.mark(self._inner.param_groups)
+        entry = _checkpoint.entry(self._run.tensors(), self._host_step, self.policy)
+        out = _checkpoint.attach(self._inner.state_dict(), entry)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, out)
+            if result is not None:
+                out = result
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads what :meth:`state_dict` returned (a plain inner state dict works too).
 
-        State dicts written by safeopt 0.1 load too.
+        State dicts that hold safeopt's state in a top-level ``"safeopt"``
+        entry (earlier releases, safeopt 0.1 included) load too. The
+        load-state-dict hooks registered on the wrapper run around it, as
+        on any ``torch.optim.Optimizer``.
         """
         state_dict = dict(state_dict)
-        saved = state_dict.pop("safeopt", None)
-        self._inner.load_state_dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        inner, saved = _checkpoint.detach(state_dict)
+        self._inner.load_state_dict(inner)
+        _checkpoint.mark(self._inner.param_groups)
         self._inner_ready = _has_state(self._inner)
-        if saved is None:
-            return
-        self._run.load(dict(saved["state"]))
-        self._host_step = int(saved.get("host_step", 0))
+        if saved is not None:
+            self._run.load(dict(saved["state"]))
+            self._host_step = int(saved.get("host_step", 0))
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *,
@@ -298,6 +378,8 @@ class SafeOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 closure_loss = closure()
+        elif loss is None and not torch.compiler.is_compiling() and self._state_init():
+            return None
         given = next((x for x in (loss, closure_loss, self._pending_loss) if x is not None), None)
         self._pending_loss = None
         if torch.compiler.is_compiling():
@@ -342,6 +424,17 @@ class SafeOptimizer(torch.optim.Optimizer):
             run.updates = int(counters.steps) + int(counters.skips)
             self._host_step = run.updates
             run.mirror_stale = False
+
+    def _state_init(self) -> bool:
+        """Whether this is DCP's state-creating step, handed to the inner optimizer uncounted.
+
+        See :func:`safeopt_torch._checkpoint.is_state_init`.
+        """
+        run = self._run
+        if not _checkpoint.is_state_init(self._inner, run.device, run.stages, run.shards):
+            return False
+        self._inner_step(None, None)
+        return True
 
     def _inner_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """Runs the inner step, handing the fused kernel its inputs when given."""

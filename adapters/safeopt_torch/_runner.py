@@ -37,6 +37,7 @@ import safeopt.adapter as sa
 from safeopt import Policy
 from safeopt_torch import _batch
 from safeopt_torch._kernels import IndexCache, TorchKernels
+from safeopt_torch._stages import Stages
 from safeopt_torch._watch import StreakWatch
 
 
@@ -71,6 +72,8 @@ class Runner:
         self.on_host = on_host
         self.device = device
         self.cache: IndexCache = {}
+        self.shards: dict[Any, Any] = {}  # shard reductions, by parameter layout
+        self.stages: Stages | None = None  # the pipeline stages, when declared
         self.watch = StreakWatch()
         self.updates = 0  # host mirror of steps + skips: the monitor's cadence
         self.mirror_stale = False  # compiled steps do not keep the host mirror
@@ -151,7 +154,7 @@ class Runner:
           amp_inf: ``GradScaler``'s overflow flag, likewise.
         """
         batch = _batch.collect(self.inner.param_groups, self.device,
-                               _batch.any_dtensor(self.inner.param_groups))
+                               _batch.any_dtensor(self.inner.param_groups), self.shards)
         if not batch.grads:
             return None
         policy = self.policy
@@ -164,6 +167,8 @@ class Runner:
         grads, stats = sa.gather(k, policy, self.state, batch.grads, batch.local_params,
                                  self._loss(loss), positions=batch.index,
                                  n_tensors=self.n_tensors, due=due)
+        if self.stages is not None:  # the whole model's statistics, from every stage's
+            stats = self.stages.combine(stats, self.device)
         if self.on_host:
             return self._host(k, grads, stats, inner_step, fused, amp_scale, amp_inf)
         decision, new = sa.decide(k.xp, policy, self.state, stats)
@@ -195,13 +200,15 @@ class Runner:
                 "SafeOptimizer(optimizer, policy, decide_on='device') (the default on an "
                 "accelerator). Received: decide_on resolved to 'host' (parameters on CPU).")
         batch = _batch.collect(self.inner.param_groups, self.device,
-                               _batch.any_dtensor(self.inner.param_groups))
+                               _batch.any_dtensor(self.inner.param_groups), self.shards)
         if not batch.grads:
             return
         k = TorchKernels(sa.namespace_by_name("torch"), batch, self.device, None, self.cache)
         grads, stats = sa.gather(k, self.policy, self.state, batch.grads, batch.local_params,
                                  self._loss(loss), positions=batch.index,
                                  n_tensors=self.n_tensors)
+        if self.stages is not None:
+            stats = self.stages.combine(stats, self.device)
         decision, new = sa.decide(k.xp, self.policy, self.state, stats)
         global_clip = _global_clip(self.policy)
         with _foreach_under_compile(self.inner):

@@ -45,6 +45,7 @@ from safeopt._registry import (
     installed_adapters,
     read_state,
 )
+from safeopt._snapshots import HostRecovery
 from safeopt._state import (
     FEATURES,
     State,
@@ -54,7 +55,6 @@ from safeopt._state import (
     map_state,
     unflatten,
 )
-from safeopt._snapshots import HostRecovery
 from safeopt._summary import summarize
 from safeopt._xp import Array, Namespace, namespace, namespace_by_name
 

@@ -3,39 +3,22 @@
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch_dist_worker
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Spawns the two ranks once; they run every config of the worker in turn."""
-    out = tmp_path_factory.mktemp("dist")
-    mp.spawn(torch_dist_worker.run, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    return out
-
-
 @pytest.mark.parametrize(("mode", "fused"), torch_dist_worker.CONFIGS,
                          ids=[f"{m.replace('fsdp', 'fsdp2')}-{'fused' if f else 'foreach'}"
                               for m, f in torch_dist_worker.CONFIGS])
-def test_nan_on_one_rank_skips_everywhere(mode: str, fused: bool, runs: Path) -> None:
-    results = [torch.load(runs / f"{mode}-{fused}-rank{r}.pt", weights_only=False)
-               for r in range(2)]
+def test_nan_on_one_rank_skips_everywhere(mode: str, fused: bool, two_ranks: Path) -> None:
+    results = [r[f"{mode}-{fused}"] for r in torch_dist_worker.load(two_ranks, "ddp_fsdp", 2)]
     for result in results:
         stats = result["stats"]
         assert stats["skips"] == 1

@@ -1,9 +1,17 @@
-"""Worker of the 2-process tests (spawned by test_torch_distributed.py)."""
+"""Worker of the multi-process tests, and the DDP / FSDP2 job.
+
+``conftest.py`` spawns the ranks once per process count (spawning is slow);
+each rank runs the jobs of :data:`JOBS` for its count in one process group
+and saves what each returns for the tests to read (:func:`load`).
+"""
 
 from __future__ import annotations
 
+import datetime
+import importlib
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,24 +20,42 @@ from torch_helpers import batches, model
 
 import safeopt
 
+#: ``module:function`` jobs, by number of processes; each is called as ``job(rank, out_dir)``.
+JOBS = {
+    2: ("torch_dist_worker:ddp_fsdp", "torch_dcp_worker:dcp_job", "torch_parallel_worker:pipeline",
+        "torch_parallel_worker:refusals"),
+    4: ("torch_parallel_worker:tp_fsdp", "torch_parallel_worker:pp_fsdp"),
+}
+
 STEPS = 4
 POISONED_STEP = 2
-
 
 CONFIGS = (("ddp", True), ("ddp", False), ("fsdp", True), ("fsdp", False))
 
 
 def run(rank: int, world: int, port: int, out_dir: str) -> None:
-    """Runs every config of :data:`CONFIGS` in one process group (spawning is slow)."""
+    """Runs every job for ``world`` processes in one process group."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
     try:
-        for mode, fused in CONFIGS:
-            result = train(rank, mode, fused)
-            torch.save(result, os.path.join(out_dir, f"{mode}-{fused}-rank{rank}.pt"))
+        for job in JOBS[world]:
+            module, name = job.split(":")
+            result = getattr(importlib.import_module(module), name)(rank, out_dir)
+            torch.save(result, os.path.join(out_dir, f"{name}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def load(out_dir: Path, name: str, world: int) -> list[Any]:
+    """What job ``name`` returned on each rank."""
+    return [torch.load(out_dir / f"{name}-rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def ddp_fsdp(rank: int, out_dir: str) -> dict[str, Any]:
+    """Every config of :data:`CONFIGS`, by ``f"{mode}-{fused}"``."""
+    return {f"{mode}-{fused}": train(rank, mode, fused) for mode, fused in CONFIGS}
 
 
 def train(rank: int, mode: str, fused: bool) -> dict[str, Any]:
@@ -51,7 +77,7 @@ def train(rank: int, mode: str, fused: bool) -> dict[str, Any]:
     return {
         "stats": safeopt.stats(opt),
         "norms": norms,
-        "params": [_full(p).detach().clone() for p in net.parameters()],
+        "params": [full(p).detach().clone() for p in net.parameters()],
     }
 
 
@@ -59,21 +85,27 @@ def _parallel(net: torch.nn.Module, mode: str) -> torch.nn.Module:
     if mode == "ddp":
         return torch.nn.parallel.DistributedDataParallel(net)
     from torch.distributed.device_mesh import init_device_mesh
+
+    return shard(net, init_device_mesh("cpu", (dist.get_world_size(),)))
+
+
+def shard(net: torch.nn.Module, mesh: Any) -> torch.nn.Module:
+    """``fully_shard`` on each layer that has parameters, then on ``net``."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for layer in net:
-        if isinstance(layer, torch.nn.Linear):
+        if any(True for _ in layer.parameters()):
             fully_shard(layer, mesh=mesh)
     fully_shard(net, mesh=mesh)
     return net
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor, else ``t``."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _total_norm(net: torch.nn.Module) -> float:
     """The global gradient norm as torch computes it (DTensor: over all shards)."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in net.parameters()])
-    return float(_full(norm))
+    return float(full(norm))

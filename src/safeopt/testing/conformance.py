@@ -13,6 +13,7 @@ which hold the reference itself to account.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -152,7 +153,8 @@ def _recover(policy: Policy, now: State, params: list[np.ndarray],
              snapshot: tuple[list[np.ndarray], State] | None,
              ) -> tuple[State, list[np.ndarray], str | None]:
     """Restores ``snapshot``, or gives the error of a recovery that cannot be made."""
-    if snapshot is None or int(np.asarray(now.recovery.recoveries)) >= policy.max_recoveries:
+    recoveries = int(np.asarray(now.recovery.recoveries))  # type: ignore[union-attr]
+    if snapshot is None or recoveries >= policy.max_recoveries:
         try:
             raise_recovery_exhausted(policy, summarize(policy, now))
         except DivergenceError as err:
@@ -186,7 +188,7 @@ def expect(case: Case, trace: Trace, rtol: float = 1e-5, atol: float = 1e-6) -> 
     name = case.name
     if case.skipped is not None:
         skips = [0] + [s.record["skips"] for s in trace]
-        got = tuple(b > a for a, b in zip(skips, skips[1:]))
+        got = tuple(b > a for a, b in itertools.pairwise(skips))
         assert got == case.skipped, f"{name}: skipped {got} != {case.skipped}"
     if case.final is not None:
         _close(trace[-1].params, case.arrays("final"), f"{name}: final params", rtol, atol)
