@@ -190,6 +190,7 @@ class SafeOptimizer(torch.optim.Optimizer):
         self._pending_loss: Any = None
         device = _first_device(inner)
         self._run = Runner(inner, policy, _decide_on_host(decide_on, device), device)
+        self._run.owner = self
         self.pipeline_group = pipeline_group
         _checkpoint.mark(inner.param_groups)
 

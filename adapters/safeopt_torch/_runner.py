@@ -37,6 +37,7 @@ import safeopt.adapter as sa
 from safeopt import Policy
 from safeopt_torch import _batch
 from safeopt_torch._kernels import IndexCache, TorchKernels
+from safeopt_torch._recover import TorchRecovery
 from safeopt_torch._stages import Stages
 from safeopt_torch._watch import StreakWatch
 
@@ -80,6 +81,8 @@ class Runner:
         self.last_skip: Any = None  # the last decision's skip flag (bool, or a device bool)
         self.n_tensors = _n_tensors(inner)
         self.state = self.fresh_state()
+        self.recovery = TorchRecovery(inner, policy) if policy.recover else None
+        self.owner: Any = None  # the SafeOptimizer, for the diagnosis of an error
 
     # -- state -------------------------------------------------------------------
     @property
@@ -175,6 +178,8 @@ class Runner:
         if amp_inf is not None:  # an AMP overflow is the scaler's, not a safeopt skip
             overflow = amp_inf.to(self.device) > 0
             new = sa.map_state(lambda a, b: torch.where(overflow, a, b), self.state, new)
+        if self.recovery is not None:
+            self.recovery.before_device_update(self.updates, self.state)
         self.updates += 1
         if fused and inner_ready:
             return self._fused(decision, stats, new, inner_step, amp_scale, amp_inf)
@@ -227,21 +232,31 @@ class Runner:
             decision, new = sa.decide(self.xp, self.policy, self.state, host_stats)
         if amp_inf is not None and bool(np.any(_host(amp_inf) > 0)):
             return None  # an AMP overflow is the scaler's, not a safeopt skip: nothing changes
+        before, t = self.state, self.updates
         self.state = new
         self.updates += 1
         self.last_skip = bool(decision.skip)
+        if self.recovery is not None:
+            self.state = self.recovery.host(decision, before, new, t, self.owner)
         if not decision.skip:
             clipped = bool(decision.clipped) and _global_clip(self.policy)
-            if fused:
-                inv = sa.inverse_scale(self.xp, host_stats.norm, decision.threshold, clipped) \
-                    if clipped else None
-                inner_step(_grad_scale(None if inv is None else torch.tensor(inv), amp_scale,
-                                       self.device), None)
-            else:
-                if clipped:
-                    k.scale(grads, torch.tensor(decision.scale))
-                inner_step(None, None)
-        return int(new.counters.consecutive_skips), int(new.counters.streak_nonfinite)
+            with self._backed_off(t):
+                if fused:
+                    inv = sa.inverse_scale(self.xp, host_stats.norm, decision.threshold,
+                                           clipped) if clipped else None
+                    inner_step(_grad_scale(None if inv is None else torch.tensor(inv),
+                                           amp_scale, self.device), None)
+                else:
+                    if clipped:
+                        k.scale(grads, torch.tensor(decision.scale))
+                    inner_step(None, None)
+        c = self.state.counters
+        return int(c.consecutive_skips), int(c.streak_nonfinite)
+
+    def _backed_off(self, t: int) -> Any:
+        """The learning-rate back-off after a recovery (nothing without one)."""
+        return contextlib.nullcontext() if self.recovery is None else \
+            self.recovery.backed_off(t)
 
     def _fused(self, decision: sa.Decision, stats: sa.GradStats, new: sa.State,
                inner_step: Any, amp_scale: Tensor | None,
@@ -256,13 +271,35 @@ class Runner:
         if _global_clip(self.policy):
             inv = sa.inverse_scale(xp, xp.astype(stats.norm, torch.float32), decision.threshold,
                                    decision.clipped)
-        inner_step(_grad_scale(inv, amp_scale, self.device), found_inf)
+        t = self.updates - 1
+        with self._backed_off(t):
+            inner_step(_grad_scale(inv, amp_scale, self.device), found_inf)
         self.state = new
         self.last_skip = decision.skip
+        if self.recovery is not None:
+            return self._device_flags(decision, new, t)
         if self.policy.max_consecutive_skips is None or not _can_skip(self.policy):
             return None
         c = new.counters
-        return self.watch.push(torch.stack([c.consecutive_skips, c.streak_nonfinite]))
+        streak = self.watch.push(torch.stack([c.consecutive_skips, c.streak_nonfinite]))
+        return None if streak is None else (streak[0], streak[1])
+
+    def _device_flags(self, decision: sa.Decision, new: sa.State,
+                      t: int) -> tuple[int, int] | None:
+        """Reads the streak and the recovery flags with the guard; snapshots, restores."""
+        assert self.recovery is not None and decision.recover is not None
+        c = new.counters
+        read = self.watch.push(torch.stack([
+            c.consecutive_skips, c.streak_nonfinite, decision.recover.to(torch.int32),
+            decision.snapshot.to(torch.int32)]))
+        if read is None:
+            return None
+        streak, nonfinite, recover, snapshot = read
+        self.state = self.recovery.flags(t - self.watch.last_lag, bool(recover),
+                                         bool(snapshot), self.state, t, self.owner)
+        if self.state is not new:  # restored: the streak is over
+            return 0, 0
+        return streak, nonfinite
 
     def _sync(self, k: TorchKernels, grads: list[Tensor], decision: sa.Decision,
               stats: sa.GradStats, new: sa.State, inner_step: Any, fused: bool,
@@ -279,12 +316,19 @@ class Runner:
             self._apply(k, grads, decision, stats, inner_step, fused, amp_scale, global_clip)
             return None
         overflow = None if amp_inf is None else amp_inf.to(self.device) > 0
-        skip, clipped, amp_overflow, streak, nonfinite = _read_flags(
-            decision.skip, decision.clipped, overflow, new.counters)
+        flags = _read_flags(decision.skip, decision.clipped, overflow, new.counters,
+                            decision.recover, decision.snapshot)
+        skip, clipped, amp_overflow, recover, snapshot, streak, nonfinite = flags
         self.last_skip = skip
+        t = self.updates - 1
+        if self.recovery is not None:
+            self.state = self.recovery.flags(t, recover, snapshot, new, t, self.owner)
+            if self.state is not new:  # restored: the streak is over
+                return 0, 0
         if not (skip or amp_overflow):
-            self._apply(k, grads, decision, stats, inner_step, fused, amp_scale,
-                        global_clip and clipped)
+            with self._backed_off(t):
+                self._apply(k, grads, decision, stats, inner_step, fused, amp_scale,
+                            global_clip and clipped)
         return streak, nonfinite
 
     def _apply(self, k: TorchKernels, grads: list[Tensor], decision: sa.Decision,
@@ -340,27 +384,34 @@ def _undo_if_skipped(inner: torch.optim.Optimizer, batch: _batch.Batch, skip: Te
                 v.copy_(torch.where(skip, torch.zeros_like(v), v))
 
 
-_STREAK_BITS = 30
+_STREAK_BITS = 29
 
 
-def _read_flags(skip: Tensor, clipped: Tensor, overflow: Tensor | None,
-                counters: Any) -> tuple[bool, bool, bool, int, int]:
+_FLAG_BITS = 5
+
+
+def _read_flags(skip: Tensor, clipped: Tensor, overflow: Tensor | None, counters: Any,
+                recover: Tensor | None = None, snapshot: Tensor | None = None,
+                ) -> tuple[bool, bool, bool, bool, bool, int, int]:
     """Reads the decision's flags and the skip streak in one transfer (one ``item()``).
 
-    They are packed into one int64 on the device (three flag bits, then the
-    streak and its NaN/Inf count, each clamped to 2**30 - 1), so the sync path
-    reads the device exactly once per step.
+    They are packed into one int64 on the device (five flag bits: skip,
+    clipped, AMP overflow, recover, snapshot; then the NaN/Inf count of the
+    streak and the streak, each clamped to 2**29 - 1), so the sync path reads
+    the device exactly once per step.
     """
     cap = (1 << _STREAK_BITS) - 1
     packed = skip.to(torch.int64) + 2 * clipped.to(torch.int64)
-    if overflow is not None:
-        packed = packed + 4 * overflow.to(torch.int64)
-    packed = packed + (counters.streak_nonfinite.to(torch.int64).clamp(max=cap) << 3)
+    for bit, flag in ((4, overflow), (8, recover), (16, snapshot)):
+        if flag is not None:
+            packed = packed + bit * flag.to(torch.int64)
+    packed = packed + (counters.streak_nonfinite.to(torch.int64).clamp(max=cap) << _FLAG_BITS)
     packed = packed + (counters.consecutive_skips.to(torch.int64).clamp(max=cap)
-                       << (3 + _STREAK_BITS))
+                       << (_FLAG_BITS + _STREAK_BITS))
     value = int(packed.item())
-    return (bool(value & 1), bool(value & 2), bool(value & 4),
-            value >> (3 + _STREAK_BITS), (value >> 3) & cap)
+    return (bool(value & 1), bool(value & 2), bool(value & 4), bool(value & 8),
+            bool(value & 16), value >> (_FLAG_BITS + _STREAK_BITS),
+            (value >> _FLAG_BITS) & cap)
 
 
 def _n_tensors(inner: torch.optim.Optimizer) -> int:

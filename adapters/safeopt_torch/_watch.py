@@ -39,20 +39,21 @@ class StreakWatch:
         self._buffers: list[Tensor] = []
         self._events: list[Any] = []
         self._pushed = 0
+        self.last_lag = 0  # the lag of the last push: its values are that many steps old
 
-    def push(self, streak: Tensor) -> tuple[int, int] | None:
-        """Starts reading ``streak`` (``[consecutive, of them NaN/Inf]``, int32).
+    def push(self, streak: Tensor) -> tuple[int, ...] | None:
+        """Starts reading ``streak`` (int32: ``[consecutive skips, of them NaN/Inf, ...]``).
 
         Returns:
-          The streak of ``lag`` steps ago, once there is one; ``None`` before.
+          The values of ``lag`` steps ago, once there are some; ``None`` before.
         """
         lag = self.lag if self.lag is not None else (0 if streak.device.type == "cpu" else LAG)
+        self.last_lag = lag
         if lag == 0:
-            values = streak.detach().cpu().numpy()
-            return int(values[0]), int(values[1])
+            return tuple(int(v) for v in streak.detach().cpu().numpy())
         if not self._buffers:
             pin = torch.cuda.is_available() and streak.device.type == "cuda"
-            self._buffers = [torch.empty(2, dtype=streak.dtype, pin_memory=pin)
+            self._buffers = [torch.empty(streak.shape, dtype=streak.dtype, pin_memory=pin)
                              for _ in range(lag + 1)]
             self._events = [None] * (lag + 1)
         slot = self._pushed % (lag + 1)
@@ -65,5 +66,4 @@ class StreakWatch:
             return None
         old = self._pushed % (lag + 1)  # the slot written lag steps ago
         self._events[old].synchronize()
-        values = self._buffers[old].numpy()
-        return int(values[0]), int(values[1])
+        return tuple(int(v) for v in self._buffers[old].numpy())

@@ -15,12 +15,17 @@ from safeopt._policy import Policy
 def raise_if_diverged(policy: Policy, counters: Mapping[str, Any], obj: Any = None) -> None:
     """Raises :class:`DivergenceError` when ``counters`` show too many skips in a row.
 
+    Also raises when a divergence came after the last recovery allowed
+    (``counters["recovery_exhausted"]``), as compiled adapters report it.
+
     Args:
       policy: The policy in force (``max_consecutive_skips``).
       counters: At least ``consecutive_skips``, and ``streak_nonfinite`` (how
         many of them carried NaN/Inf; the others were spikes) when known.
       obj: The wrapped optimizer or state, to attach its diagnosis.
     """
+    if counters.get("recovery_exhausted"):
+        raise_recovery_exhausted(policy, counters, obj)
     limit = policy.max_consecutive_skips
     streak = int(counters["consecutive_skips"])
     if limit is None or streak < limit:

@@ -34,6 +34,7 @@ def summarize(policy: Policy, state: State, extra: dict[str, Any] | None = None,
     rec = state.recovery
     if not isinstance(rec, Empty):
         out["recoveries"] = int(np.asarray(rec.recoveries))
+        out["recovery_exhausted"] = bool(np.asarray(rec.exhausted))
         out["rolled_back"] = int(np.asarray(rec.rolled_back))
         at = int(np.asarray(rec.last_at))
         out["last_recovery"] = None if at < 0 else {

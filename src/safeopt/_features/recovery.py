@@ -51,9 +51,10 @@ class RecoveryState(NamedTuple):
     var: Array  # float32: its variance (EMA)
     count: Array  # int32: values in the baseline
     bad_run: Array  # int32: updates in a row that were spikes or carried NaN/Inf
+    exhausted: Array  # int32: 1 once a divergence came with no recovery left
 
 
-SKIPPABLE = frozenset({"bad_run"})
+SKIPPABLE = frozenset({"bad_run", "exhausted"})
 _FLOATS = frozenset({"mean", "var"})
 _MINUS_ONE = frozenset({"last_from", "last_at", "snapshot_at"})
 
@@ -72,7 +73,8 @@ def init(xp: Namespace, policy: Policy, n_tensors: int,
 class Plan(NamedTuple):
     """What recovery decides for this update."""
 
-    recover: Array  # bool: restore the snapshot (the update is not applied)
+    recover: Array  # bool: restore the snapshot (the update is not applied), or, with no
+    # recovery left, stop (``state.exhausted``)
     snapshot: Array  # bool: take a snapshot of the state before this update
     lr_factor: Array  # float32: the learning-rate back-off in force
     state: RecoveryState  # the detector after this update
@@ -111,10 +113,13 @@ def plan(xp: Namespace, policy: Policy, st: RecoveryState, seen: Observed, stats
     first = st.count == 0
     mean = xp.where(first, value, alpha * st.mean + (1.0 - alpha) * value)
     var = xp.where(first, 0.0 * st.var, alpha * st.var + (1.0 - alpha) * (value - mean) ** 2)
+    out_of = xp.logical_or(st.recoveries >= policy.max_recoveries, st.snapshot_at < 0)
     new = st._replace(
         mean=xp.where(take, mean, st.mean), var=xp.where(take, var, st.var),
         count=count_if(xp, st.count, take), bad_run=bad_run,
-        snapshot_at=xp.where(snapshot, seen.t, st.snapshot_at))
+        snapshot_at=xp.where(snapshot, seen.t, st.snapshot_at),
+        exhausted=xp.where(xp.logical_and(trigger, out_of), 1 + 0 * st.exhausted,
+                           st.exhausted))
     return Plan(trigger, snapshot, lr_factor(xp, policy, st, seen.t), new)
 
 

@@ -114,6 +114,7 @@ class Case:
         out = [p.copy() for p in params]
         for i, value in update.weights.items():
             out[i] = _layout(np.asarray(value, np.float32), layout)
+            assert out[i].shape == params[i].shape, f"{self.name}: weights[{i}] shape"
         return out
 
 
@@ -286,7 +287,7 @@ CASES: tuple[Case, ...] = (
                                       "monitor_every": 1},
          ((1.0, 1.0),),
          (Update(((0.1, 0.1),)), Update(((0.1, 0.1),)), Update(((0.1, 0.1),)),
-          Update(((0.1, 0.1),), weights={0: ((NAN, 1.0),)}), Update(((0.1, 0.1),))),
+          Update(((0.1, 0.1),), weights={0: (NAN, 1.0)}), Update(((0.1, 0.1),))),
          skipped=(False, False, False, True, False),
          counters={"recoveries": 1, "last_recovery": {"at": 3, "restored_to": 2}},
          signs={"c": 3}),
