@@ -17,6 +17,7 @@ Example:
   0.5
 """
 
+from safeopt._data import skip_after_recovery
 from safeopt._diagnose import diagnose
 from safeopt._errors import AdapterError, DivergenceError, PolicyError
 from safeopt._policy import Policy, load_policy
@@ -38,6 +39,7 @@ __all__ = [
     "check",
     "diagnose",
     "load_policy",
+    "skip_after_recovery",
     "stats",
     "wrap",
 ]

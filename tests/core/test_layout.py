@@ -77,7 +77,7 @@ def test_modules_are_small() -> None:
 
 
 def test_the_public_api_is_layered_and_small() -> None:
-    assert len(safeopt.__all__) <= 13
+    assert len(safeopt.__all__) <= 14
     assert {"wrap", "Policy", "load_policy", "stats", "check", "diagnose", "DivergenceError",
             "PolicyError", "AdapterError", "add_sink", "after_step"} <= set(safeopt.__all__)
     assert {"Adapter", "Kernels", "step", "decide", "init_state"} <= set(safeopt.adapter.__all__)
