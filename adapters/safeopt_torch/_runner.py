@@ -287,7 +287,8 @@ class Runner:
     def _device_flags(self, decision: sa.Decision, new: sa.State,
                       t: int) -> tuple[int, int] | None:
         """Reads the streak and the recovery flags with the guard; snapshots, restores."""
-        assert self.recovery is not None and decision.recover is not None
+        assert self.recovery is not None
+        assert decision.recover is not None and decision.snapshot is not None
         c = new.counters
         read = self.watch.push(torch.stack([
             c.consecutive_skips, c.streak_nonfinite, decision.recover.to(torch.int32),

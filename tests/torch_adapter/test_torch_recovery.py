@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from test_torch_divergence_guard import SlowEvent
 from torch_helpers import assert_same_params, batches, model
 
 import safeopt
 from safeopt_torch import SafeOptimizer
 from safeopt_torch._watch import StreakWatch
-from test_torch_divergence_guard import SlowEvent
 
 POLICY = {"recover": True, "snapshot_every": 4, "max_consecutive_skips": 3,
           "recover_warmup": 4, "recover_lr_factor": 0.25, "monitor_every": 1}
