@@ -105,12 +105,14 @@ def _layers(rec: dict[str, Any]) -> dict[str, Any]:
 def short_names(names: Sequence[str], limit: int = _MAX_NAME) -> list[str]:
     """Names that fit a heat map's axis: long paths keep their last parts.
 
-    A name longer than ``limit`` keeps its last two ``/``-parts (the layer
-    and the parameter): ``"sequential/simple_rnn/simple_rnn_cell/kernel"``
+    A leading ``/``-part that every name shares (a Keras model's name) is
+    dropped. A name still longer than ``limit`` keeps its last two parts
+    (the layer and the parameter): ``"model/rnn/simple_rnn_cell/kernel"``
     reads as ``".../simple_rnn_cell/kernel"``; more parts come back where
     needed to keep the names apart. A name still longer than twice
     ``limit`` is cut in the middle.
     """
+    names = _common_prefix_dropped(names)
     depth = max((n.count("/") for n in names), default=0)
     for keep in range(2, depth + 1):
         out = [_tail(n, keep, limit) for n in names]
@@ -120,6 +122,15 @@ def short_names(names: Sequence[str], limit: int = _MAX_NAME) -> list[str]:
         out = list(names)
     half = limit // 2
     return [n if len(n) <= 2 * limit else n[:half] + "..." + n[-half:] for n in out]
+
+
+def _common_prefix_dropped(names: Sequence[str]) -> list[str]:
+    parts = [n.split("/") for n in names]
+    drop = 0
+    while (parts and all(len(p) > drop + 2 for p in parts)
+           and len({p[drop] for p in parts}) == 1):
+        drop += 1
+    return ["/".join(p[drop:]) for p in parts]
 
 
 def _tail(name: str, keep: int, limit: int) -> str:

@@ -210,9 +210,12 @@ def test_short_names_keep_the_informative_end_and_stay_unique() -> None:
     assert short[:5] == [".../simple_rnn_cell/recurrent_kernel", ".../simple_rnn_cell/kernel",
                          "sequential/dense/kernel", "sequential/dense_1/kernel", "dense00/kernel"]
     assert len(short[5]) <= 31 and "..." in short[5]
-    twins = short_names(["model/encoder/block/attention/kernel",
-                         "model/decoder/block/attention/kernel"])
-    assert twins == [".../encoder/block/attention/kernel", ".../decoder/block/attention/kernel"]
+    twins = ["encoder/block/attention/query/kernel", "decoder/block/attention/query/kernel"]
+    assert short_names(twins) == twins  # no tail tells them apart: kept whole
+    # The model's name in front of every Keras variable goes.
+    keras = short_names(["model/out/kernel", "model/out/bias",
+                         "model/rnn/simple_rnn_cell/recurrent_kernel"])
+    assert keras == ["out/kernel", "out/bias", ".../simple_rnn_cell/recurrent_kernel"]
 
 
 def test_report_errors_are_clear(tmp_path, capsys) -> None:
