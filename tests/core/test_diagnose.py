@@ -116,6 +116,31 @@ def test_growing_gradients_with_a_diverging_loss_are_exploding() -> None:
     assert "Remedies, in the order to try them" in str(diagnosis)
 
 
+def test_one_spike_fires_growth_but_does_not_hold_the_baseline_up() -> None:
+    spike = np.array([0.2, 300.0, 0.3])  # ~1000 times the quiet norm
+    state = run(POLICY, quiet(60) + [spike] + quiet(60, seed=1))
+    diagnosis = diagnose_state(POLICY, state, NAMES)
+    (sign,) = diagnosis.signs
+    assert sign.letter == "d" and sign.since == 60 and sign.count <= 3
+    quiet_norm = float(np.linalg.norm([0.2, 0.2, 0.2]))
+    assert float(state.monitor.grad_mean) < 1.5 * quiet_norm  # back to the quiet level
+    # ... so that a later, lasting rise is still seen.
+    state = run(POLICY, quiet(60) + [spike] + quiet(60, seed=1)
+                + [np.array([0.2, 0.5 * 1.15 ** i, 0.3]) for i in range(40)])
+    assert diagnose_state(POLICY, state, NAMES).signs[0].count > 10
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e4])
+def test_a_loss_that_gives_back_over_half_its_progress_diverges_at_any_scale(scale) -> None:
+    # From 10 down to 1 (the smoothed best), then back up: past 1 + 9 / 2 + 1 = 6.5 diverges.
+    noise = np.random.default_rng(4).normal(0.0, 0.05, 110)
+    down = list(np.linspace(10.0, 1.0, 40)) + [1.0] * 30
+    for back, fires in ((7.0, True), (5.0, False)):
+        losses = [scale * (v + e) for v, e in zip(down + [back] * 40, noise)]
+        diagnosis = diagnose_state(POLICY, run(POLICY, quiet(110), losses), NAMES)
+        assert diagnosis.fired("b") == fires, (back, scale, str(diagnosis))
+
+
 def test_growing_gradients_with_growing_weights_are_exploding_without_a_loss() -> None:
     weights = [10 * 1.08 ** i for i in range(60)]
     diagnosis = diagnose_state(POLICY, run(POLICY, growing(40), weights=weights), NAMES)

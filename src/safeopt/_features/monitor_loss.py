@@ -92,9 +92,9 @@ def diverging(xp: Namespace, ema: Array, best: Array, first: Array) -> Array:
     """Whether the smoothed loss has risen from its best by more than it should.
 
     By more than half of the progress made (``first - best``) plus the best's
-    own size: a loss that gave back half of its progress, or that more than
-    doubled (a non-negative loss that made none). Works for losses of any
-    sign and scale.
+    own size: a non-negative loss that gave back over half of its progress
+    and doubled its best, or more than doubled without progress. Scale-free:
+    a loss times any factor fires alike.
     """
     finite = xp.logical_and(xp.isfinite(best), xp.isfinite(first))
     allowed = 0.5 * xp.abs(first - best) + xp.abs(best)
