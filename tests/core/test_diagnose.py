@@ -118,7 +118,7 @@ def test_growing_gradients_with_a_diverging_loss_are_exploding() -> None:
 
 def test_one_spike_fires_growth_but_does_not_hold_the_baseline_up() -> None:
     spike = np.array([0.2, 300.0, 0.3])  # ~1000 times the quiet norm
-    state = run(POLICY, quiet(60) + [spike] + quiet(60, seed=1))
+    state = run(POLICY, [*quiet(60), spike, *quiet(60, seed=1)])
     diagnosis = diagnose_state(POLICY, state, NAMES)
     (sign,) = diagnosis.signs
     assert sign.letter == "d" and sign.since == 60 and sign.count <= 3
