@@ -4,7 +4,9 @@ The demo trains the textbook cases of exploding gradients twice, with the same
 data, initialisation and hyper-parameters: once with the bare optimizer and
 once with the optimizer wrapped by :func:`safeopt.wrap` (the ``default``
 policy). It prints a side-by-side table, the diagnosis of each run, and writes
-the runs' telemetry (JSON Lines) and the report PNG to ``--out``.
+the runs' telemetry (JSON Lines) and, per task, the report PNG of both runs
+side by side on shared axes to ``--out``. Steps are counted from 1 in
+everything it prints, as in the telemetry's ``step``.
 
 The framework-specific parts (models and training loops) live with each
 adapter (``safeopt_torch.demo``, ``safeopt_optax.demo``,
@@ -39,7 +41,7 @@ from typing import Any, Protocol, TextIO
 import numpy as np
 
 import safeopt.adapter as sa
-from safeopt._report import ReportError, render_png
+from safeopt._report import ReportError, render_runs
 from safeopt.telemetry import JsonlSink
 
 FRAMEWORKS: tuple[str, ...] = ("torch", "jax", "keras")
@@ -121,7 +123,7 @@ class RunResult:
 
     @property
     def first_nan(self) -> int | None:
-        """First step (0-based) with a NaN/Inf loss or gradient, if any."""
+        """First step (0-based index) with a NaN/Inf loss or gradient, if any."""
         return next((i for i, r in enumerate(self.raw)
                      if not _finite(r["loss"], r["grad_norm"])), None)
 
@@ -276,7 +278,7 @@ def run_one(demo: FrameworkDemo, task: str, protected: bool, steps: int | None, 
         outcome.diagnosis = replay[0].diagnosis(outcome.names)
     if bars:
         stopped = len(raw) < outcome.steps
-        note = f"NaN weights at step {len(raw) - 1}; stopped" if stopped else ""
+        note = f"NaN weights at step {len(raw)}; stopped" if stopped else ""
         bars[0].close(len(raw), raw[-1]["loss"] if raw else math.nan, note)
     return RunResult(task, demo.TASKS[task], arm, outcome, raw, records, seconds)
 
@@ -387,7 +389,8 @@ def table(results: Sequence[RunResult]) -> str:
         train = _fmt(r.raw[-1]["loss"], ".4g") if r.raw else "-"
         acc = None if r.outcome.accuracy is None or diverged else \
             f"{100 * r.outcome.accuracy:.1f}%"
-        lines.append(f"| {r.task} | {r.arm} | {ran} | {r.nan_steps} | {_fmt(r.first_nan)} "
+        first = None if r.first_nan is None else r.first_nan + 1  # counted from 1
+        lines.append(f"| {r.task} | {r.arm} | {ran} | {r.nan_steps} | {_fmt(first)} "
                      f"| {_fmt(r.clipped)} | {_fmt(r.skipped)} | {train} | {fresh} "
                      f"| {acc or '-'} |")
     return "\n".join(lines)
@@ -415,7 +418,11 @@ def write_jsonl(records: Sequence[Record], path: Path) -> Path:
 
 def write_outputs(results: Sequence[RunResult], out_dir: Path, framework: str,
                   report: bool, stream: TextIO | None = None) -> list[Path]:
-    """Writes each run's JSONL and report PNG, and ``summary.json``."""
+    """Writes each run's JSONL, each task's report PNG (its runs side by side), ``summary.json``.
+
+    In ``summary.json``, ``first_nan_step`` is a 0-based step index, like the
+    diagnosis's data; the printed table counts from 1.
+    """
     written: list[Path] = []
     summary = []
     for r in results:
@@ -428,10 +435,11 @@ def write_outputs(results: Sequence[RunResult], out_dir: Path, framework: str,
             "steps": r.outcome.steps, "steps_run": r.ran, "nan_steps": r.nan_steps,
             "first_nan_step": r.first_nan,
             "clipped": r.clipped, "skipped": r.skipped, "seconds": round(r.seconds, 2),
-            "jsonl": log.name})
-        if report and r.records:
-            png = render_report(r.records, out_dir / f"{stem}.png",
-                                f"safeopt demo ({framework}): {r.task}, {r.arm}", stream)
+            "verdict": getattr(r.outcome.diagnosis, "verdict", None), "jsonl": log.name})
+    if report:
+        for task, runs in _by_task(results).items():
+            png = render_report(runs, out_dir / f"{framework}_{task}.png",
+                                f"safeopt demo ({framework}): {task}, bare vs safeopt", stream)
             if png is not None:
                 written.append(png)
     path = out_dir / "summary.json"
@@ -440,15 +448,25 @@ def write_outputs(results: Sequence[RunResult], out_dir: Path, framework: str,
     return written
 
 
+def _by_task(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
+    tasks: dict[str, list[RunResult]] = {}
+    for r in results:
+        if r.records:
+            tasks.setdefault(r.task, []).append(r)
+    return tasks
+
+
 def _json_number(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
 
-def render_report(records: Sequence[Record], png: Path, title: str,
+def render_report(runs: Sequence[RunResult], png: Path, title: str,
                   stream: TextIO | None = None) -> Path | None:
-    """Renders the four-panel report of ``safeopt report``; ``None`` without matplotlib."""
+    """Renders the runs of one task side by side (``safeopt report A B``); ``None`` without
+    matplotlib. A run that stopped early is marked so up to the steps asked for."""
+    total = max(r.outcome.steps for r in runs)
     try:
-        return render_png(records, png, title)
+        return render_runs([(r.arm, r.records) for r in runs], png, title, total=total)
     except ReportError as err:
         print(f"(no report PNG: {err})", file=stream or sys.stderr)
         return None

@@ -69,4 +69,10 @@ def upgrade(old: Mapping[str, Any]) -> dict[str, Any]:
     out["counters.last_clipped"] = np.int32(host.get("last_scale", 1.0) < 1.0)
     if "layer_norm_ema" in host:
         out["monitor.layer_count"] = np.full(host["layer_norm_ema"].shape, steps, np.int32)
+    # 0.1's sign (d) was "layer norms above 1.0"; today's (d) is a gradient norm
+    # grown tenfold, which 0.1 did not track: that sign starts afresh.
+    for name, fresh in (("sign_since", -1), ("sign_last", -1), ("sign_count", 0)):
+        if f"monitor.{name}" in out and np.shape(out[f"monitor.{name}"]) == (5,):
+            out[f"monitor.{name}"] = np.asarray(out[f"monitor.{name}"]).copy()
+            out[f"monitor.{name}"][3] = fresh
     return out

@@ -1,9 +1,11 @@
 """The remedies for exploding gradients, in the order a practitioner tries them.
 
-Clip by norm, clip by value, a weight penalty, a smaller batch, fewer
-layers, ReLU instead of sigmoid/tanh, and for recurrent models LSTM/GRU units
-or truncated backpropagation through time (Pascanu et al., 2013; Brownlee,
-2017). Remedies the policy already applies are phrased as "harder".
+Clip by norm, a lower learning rate, clip by value, a weight penalty, a
+smaller batch, fewer layers, ReLU instead of sigmoid/tanh, and for recurrent
+models LSTM/GRU units or truncated backpropagation through time (Pascanu et
+al., 2013; Brownlee, 2017). Remedies the policy already applies are phrased
+as "harder". :func:`safeopt.diagnose` offers them only when its verdict is
+"exploding".
 """
 
 from __future__ import annotations
@@ -34,24 +36,27 @@ def remedies_for(policy: Policy, signs: Sequence[Sign],
                  names: Sequence[str] = ()) -> list[Remedy]:
     """The remedies that fit ``signs``, in the order a practitioner tries them.
 
-    Clip by norm, clip by value, a weight penalty, a smaller batch, fewer
-    layers, ReLU instead of sigmoid/tanh, and for recurrent models LSTM/GRU
-    units or truncated backpropagation through time. Remedies the policy
-    already applies are phrased as "harder".
+    Clip by norm, a lower learning rate, clip by value, a weight penalty, a
+    smaller batch, fewer layers, ReLU instead of sigmoid/tanh, and for
+    recurrent models LSTM/GRU units or truncated backpropagation through
+    time. Remedies the policy already applies are phrased as "harder".
     """
     keys = {s.key for s in signs}
     if not keys:
         return []
-    exploding = bool(keys & {"nonfinite", "loss_unstable", "weight_growth", "layer_norms"})
+    exploding = bool(keys & {"nonfinite", "loss_unstable", "weight_growth", "grad_growth"})
     out: list[Remedy] = []
     if exploding:
         out.append(_norm_remedy(policy))
+        out.append(Remedy("lower_lr", "Lower the learning rate (or warm it up over the first "
+                          "few hundred steps): too large a step is the usual cause of a run "
+                          "that diverges."))
         out.append(_value_remedy(policy))
     if keys & {"weight_growth", "nonfinite"} or (exploding and not policy.has_penalty):
         out.append(_penalty_remedy(policy))
     out.append(Remedy("smaller_batch", "Train with a smaller batch (more, noisier updates of "
                       "smaller size) and, with it, a lower learning rate."))
-    if keys & {"layer_norms", "nonfinite", "no_traction"}:
+    if keys & {"grad_growth", "nonfinite", "no_traction"}:
         out.append(Remedy("fewer_layers", "Use fewer layers: every layer multiplies the "
                           "gradient on its way back, so a shallower model explodes less."))
         out.append(Remedy("relu", "Use ReLU (or GELU) activations instead of sigmoid/tanh, "

@@ -50,7 +50,7 @@ def test_demo_runs_bare_and_wrapped_and_writes_files(tmp_path: Path,
     record = json.loads(lines[-1])
     assert record["step"] == 30 and "grad_norm" in record and "layers" in record
     pytest.importorskip("matplotlib")
-    assert (tmp_path / "torch_rnn_safeopt.png").stat().st_size > 10_000
+    assert (tmp_path / "torch_rnn.png").stat().st_size > 10_000  # bare and wrapped, side by side
 
 
 def test_bench_quick_writes_json_and_table(tmp_path: Path) -> None:

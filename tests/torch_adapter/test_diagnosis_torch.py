@@ -58,13 +58,18 @@ def test_deep_tanh_mlp_explodes_and_diagnosis_names_signs_layers_and_remedy() ->
     opt, _ = _explosive_run({"clip_norm": None, "max_consecutive_skips": None})
     diagnosis = safeopt.diagnose(opt)
     assert safeopt.stats(opt)["nonfinite"] > 0  # the bare run really went NaN
-    for sign in ("a", "c", "d"):
+    for sign in ("a", "b", "c", "d"):
         assert diagnosis.fired(sign), str(diagnosis)
+    assert diagnosis.verdict == "exploding"
     nonfinite = next(s for s in diagnosis.signs if s.key == "nonfinite")
     assert nonfinite.active and nonfinite.since == nonfinite.data["first_nonfinite_step"]
+    # The runaway was called before the first NaN/Inf.
+    assert diagnosis.reasons[0].startswith("from update")
+    grad = next(s for s in diagnosis.signs if s.letter == "d")
+    assert grad.since < nonfinite.since
     names = [layer.name for layer in diagnosis.layers]
     assert names and all(n.endswith((".weight", ".bias")) for n in names)
-    assert all(layer.over_fraction > 0.5 for layer in diagnosis.layers)
+    assert all(layer.growth >= 10.0 and layer.norm > 1.0 for layer in diagnosis.layers)
     assert diagnosis.remedies[0].key == "clip_norm"
     text = str(diagnosis)
     assert "(a)" in text and "(c)" in text and "(d)" in text and names[0] in text
@@ -77,7 +82,9 @@ def test_deep_tanh_mlp_with_zscore_stays_finite() -> None:
     assert counters["nonfinite"] == 0 and counters["skips"] == 0
     assert counters["norm_clips"] > 0
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    assert not safeopt.diagnose(opt).fired("nonfinite")
+    diagnosis = safeopt.diagnose(opt)
+    assert not diagnosis.fired("nonfinite") and not diagnosis.exploding
+    assert "the norm clip changed" in str(diagnosis)
 
 
 def test_stable_run_reports_no_sign_after_200_steps() -> None:
@@ -96,7 +103,7 @@ def test_stable_run_reports_no_sign_after_200_steps() -> None:
         opt.step(loss=loss.detach())
     diagnosis = safeopt.diagnose(opt)
     assert diagnosis.updates == 200
-    assert diagnosis.signs == (), str(diagnosis)
+    assert diagnosis.signs == () and diagnosis.verdict == "healthy", str(diagnosis)
     assert "no sign of exploding gradients" in str(diagnosis)
 
 

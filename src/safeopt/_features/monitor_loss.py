@@ -1,9 +1,12 @@
 """The monitor's loss statistics: signs (b) an unstable loss and (e) no traction.
 
-Both read applied updates that come with a finite loss. (b) is the robust
-z-score of each update-to-update loss change against the last
-``monitor_window`` changes, and the fraction of outliers over that window;
-(e) fires when the smoothed loss has not improved by ``LOSS_PROGRESS`` for
+Both read applied updates that come with a finite loss. (b) fires on
+outliers or on divergence: the robust z-score of each update-to-update loss
+change against the last ``monitor_window`` changes, and the fraction of
+outliers over that window (above :data:`LOSS_OUTLIER_FRAC`); or the
+smoothed loss risen from its best by more than half of the progress made
+from the first loss plus the best's own size (:func:`diverging`). (e) fires
+when the smoothed loss has not improved by ``LOSS_PROGRESS`` for
 ``monitor_window`` updates and is still above half of the first loss.
 
 References:
@@ -55,7 +58,7 @@ def update(xp: Namespace, policy: Policy, m: MonitorState, prev: Array, loss: Ar
     outlier = xp.astype(xp.abs(z) > LOSS_Z, xp.float32)
     frac = m.loss_outlier_frac + (outlier - m.loss_outlier_frac) / window
     frac = xp.where(counted, frac, m.loss_outlier_frac)
-    fire_b = xp.logical_and(counted, frac > LOSS_OUTLIER_FRAC)
+    unstable = xp.logical_and(counted, frac > LOSS_OUTLIER_FRAC)
 
     seen_before = xp.isfinite(m.loss_first)
     ema = xp.where(seen_before, m.loss_ema + (5.0 / window) * (loss - m.loss_ema), loss)
@@ -66,6 +69,9 @@ def update(xp: Namespace, policy: Policy, m: MonitorState, prev: Array, loss: Ar
     improved = xp.logical_and(take, ema < best - margin)
     new_best = xp.where(improved, ema, best)
     best_step = xp.where(improved, t, m.loss_best_step)
+    peak = xp.where(improved, ema, xp.where(take, xp.maximum(m.loss_peak, ema), m.loss_peak))
+    warm = xp.logical_and(take, m.loss_count >= min_updates(policy))
+    fire_b = xp.logical_or(unstable, xp.logical_and(warm, diverging(xp, ema, new_best, first)))
     stuck = xp.logical_and(t - best_step >= window,
                            new_best - first > -TRACTION_FRACTION * xp.abs(first))
     changes = {
@@ -77,8 +83,22 @@ def update(xp: Namespace, policy: Policy, m: MonitorState, prev: Array, loss: Ar
         "loss_first": first,
         "loss_best": new_best,
         "loss_best_step": best_step,
+        "loss_peak": peak,
     }
     return changes, fire_b, xp.logical_and(take, stuck)
+
+
+def diverging(xp: Namespace, ema: Array, best: Array, first: Array) -> Array:
+    """Whether the smoothed loss has risen from its best by more than it should.
+
+    By more than half of the progress made (``first - best``) plus the best's
+    own size: a non-negative loss that gave back over half of its progress
+    and doubled its best, or more than doubled without progress. Scale-free:
+    a loss times any factor fires alike.
+    """
+    finite = xp.logical_and(xp.isfinite(best), xp.isfinite(first))
+    allowed = 0.5 * xp.abs(first - best) + xp.abs(best)
+    return xp.logical_and(finite, ema - best > xp.where(finite, allowed, 0.0))
 
 
 def _robust_z(xp: Namespace, ring: Array, count: Array, value: Array, floor: Array) -> Array:
