@@ -83,7 +83,25 @@ treats a sharded 1-d tensor (a bias) shard by shard.
 
 Like ``clip_grad_norm_``, the wrapper leaves the clipped gradients in
 ``.grad`` (the fused kernels write back the gradient they divided by
-``grad_scale``). Sparse gradients are refused.
+``grad_scale``). Sparse gradients are refused. Complex parameters are
+measured by their modulus (see :mod:`safeopt_torch._kernels`).
+
+``opt.step(closure)`` evaluates the closure once and decides on its
+gradients like any step; the inner optimizer gets a replay whose first call
+returns that loss, so an optimizer that evaluates its closure once sees what
+a bare one would. ``LBFGS`` evaluates it again as it iterates: the policy
+then applies to the gradients of each evaluation, as ``clip_grad_norm_``
+called inside the closure would (with this step's thresholds; safeopt's
+state advances once per step). A non-finite first evaluation skips the
+step; a non-finite later one abandons it: parameters and the inner state
+are put back, and it counts as a skip (:mod:`safeopt_torch._closure`).
+
+The wrapper's ``step`` fires the global step hooks
+(``register_optimizer_step_pre_hook``) and its own, once; the inner step runs
+with the inner optimizer's own hooks, not the global ones again. A
+``copy.deepcopy`` or a pickle carries what ``Optimizer.__getstate__`` does
+(the inner optimizer and safeopt's state; no hooks, and nothing an LR
+scheduler patched onto the instance), so a copy steps its own parameters.
 
 References:
   Pascanu, Mikolov & Bengio (2013), On the difficulty of training recurrent
@@ -94,6 +112,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -103,19 +122,17 @@ from torch import Tensor
 
 import safeopt.adapter as sa
 from safeopt import Policy
-from safeopt_torch import _batch
-from safeopt_torch._runner import Runner
+from safeopt_torch import _inner
+from safeopt_torch._closure import Abort, Replay, abandon
+from safeopt_torch._runner import Runner, _can_skip
+from safeopt_torch._watch import HostWatch
 
+_HOOK_TABLES = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
 
-def _fused_capable(inner: torch.optim.Optimizer) -> bool:
-    """Whether ``inner``'s step reads ``grad_scale`` / ``found_inf`` attributes."""
-    if not getattr(inner, "_step_supports_amp_scaling", False):
-        return False
-    if not all(group.get("fused") for group in inner.param_groups):
-        return False
-    import inspect
-
-    return "grad_scaler" not in inspect.signature(inner.step).parameters
+#: What a copy or a pickle of the wrapper carries (see ``__getstate__``).
+_PICKLED = ("_inner", "_run", "_fused", "_inner_ready", "_host_step")
 
 
 class SafeOptimizer(torch.optim.Optimizer):
@@ -150,18 +167,14 @@ class SafeOptimizer(torch.optim.Optimizer):
         # Optimizer.__init__ would build param groups of its own: the state is
         # the inner optimizer's, so only the hook tables are set up here.
         self._inner = inner
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        for name in _HOOK_TABLES:
+            setattr(self, name, OrderedDict())
         self._patch_step_function()
-        self._fused = _fused_capable(inner)
-        self._inner_ready = _has_state(inner)
+        self._fused = _inner.fused_capable(inner)
+        self._inner_ready = _inner.has_state(inner)
         self._host_step = 0
-        device = _first_device(inner)
-        self._run = Runner(inner, policy, _decide_on_host(decide_on, device), device)
+        device = _inner.first_device(inner)
+        self._run = Runner(inner, policy, _inner.decide_on_host(decide_on, device), device)
 
     # -- shared with the inner optimizer --------------------------------------
     @property
@@ -229,10 +242,17 @@ class SafeOptimizer(torch.optim.Optimizer):
                 f"policy={self.policy!r},\n{self._inner!r})")
 
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """The inner optimizer and safeopt's state; hooks and an LR scheduler's patch stay."""
+        state = {name: self.__dict__[name] for name in _PICKLED}
+        run = copy.copy(self._run)
+        run.watch = HostWatch()  # a pending device read stays with the original
+        state["_run"] = run
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        for name in _HOOK_TABLES:
+            self.__dict__.setdefault(name, OrderedDict())
         self._patch_step_function()
 
     # -- optimizer API ----------------------------------------------------------
@@ -243,7 +263,7 @@ class SafeOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a parameter group to the inner optimizer; safeopt's per-tensor state grows."""
         self._inner.add_param_group(param_group)
-        self._fused = _fused_capable(self._inner)
+        self._fused = _inner.fused_capable(self._inner)
         self._inner_ready = False
         self._run.resize()
 
@@ -262,7 +282,8 @@ class SafeOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         saved = state_dict.pop("safeopt", None)
         self._inner.load_state_dict(state_dict)
-        self._inner_ready = _has_state(self._inner)
+        self._inner_ready = _inner.has_state(self._inner)
+        self._fused = _inner.fused_capable(self._inner)  # an older state dict may drop `fused`
         if saved is None:
             return
         self._run.load(dict(saved["state"]))
@@ -272,22 +293,28 @@ class SafeOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *,
              loss: Any = None) -> Any:
-        """Performs one protected optimisation step.
+        """Performs one protected optimisation step (closures: see the module docstring).
 
         Args:
-          closure: Re-evaluates the model and returns the loss (optional).
+          closure: Re-evaluates the model and returns the loss; required
+            when the inner optimizer's ``step`` requires one (``LBFGS``).
           loss: This step's loss (a tensor or a number), for policies that
             read it (non-finite loss skips, ``spike_skip="loss"``); the
             closure's loss is used when it is not given.
 
         Returns:
-          The closure's loss, if a closure was given.
+          The closure's loss (its first evaluation), if a closure was given.
 
         Raises:
+          TypeError: The inner optimizer requires a closure and none was
+            given (the inner optimizer's own message).
           safeopt.DivergenceError: ``max_consecutive_skips`` steps in a row
             were skipped (on the fused path on an accelerator, possibly one
             step later).
         """
+        kind = _inner.step_kind(type(self._inner))
+        if closure is None and kind.requires_closure:
+            _inner.unhooked(type(self._inner).step)(self._inner)  # raises the inner's TypeError
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -298,8 +325,14 @@ class SafeOptimizer(torch.optim.Optimizer):
             sa.raise_if_diverged(policy, {"consecutive_skips": waited}, self)
         given = loss if loss is not None else closure_loss
         amp_scale, amp_inf = self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
-        streak = self._run.step(self._inner_step, self._fused, self._inner_ready, given,
-                                amp_scale, amp_inf)
+        before = self._run.state
+        replay = None if closure is None or not kind.accepts_closure else Replay(
+            closure, closure_loss, self._run, before, kind.reevaluates and _can_skip(policy))
+        try:
+            streak = self._run.step(lambda scale, inf: self._inner_step(scale, inf, replay),
+                                    self._fused, self._inner_ready, given, amp_scale, amp_inf)
+        except Abort as abort:
+            streak = abandon(self._run, before, abort.stats)
         self._host_step += 1
         if policy.log_every:  # one host read every log_every steps, else nothing
             sa.after_step(self, self._host_step, policy, check=False)
@@ -308,15 +341,21 @@ class SafeOptimizer(torch.optim.Optimizer):
             sa.raise_if_diverged(policy, sa.summarize(policy, self._run.host_state()), self)
         return closure_loss
 
-    def _inner_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """Runs the inner step, handing the fused kernel its inputs when given."""
+    def _inner_step(self, grad_scale: Tensor | None, found_inf: Tensor | None,
+                    replay: Replay | None) -> None:
+        """Runs the inner step (the fused kernel's inputs when given); undoes an abandoned one."""
         inner = self._inner
+        saved = _inner.snapshot(inner) if replay is not None and replay.may_abort else None
         try:
             if grad_scale is not None:
                 inner.grad_scale = grad_scale  # type: ignore[attr-defined]
             if found_inf is not None:
                 inner.found_inf = found_inf  # type: ignore[attr-defined]
-            inner.step()
+            _inner.run_step(inner, replay)
+        except Abort:
+            if saved is not None:
+                _inner.restore(inner, saved)
+            raise
         finally:
             inner.__dict__.pop("grad_scale", None)
             inner.__dict__.pop("found_inf", None)
@@ -338,34 +377,6 @@ class SafeOptimizer(torch.optim.Optimizer):
                 position = len(names)
                 names.append(given[i] if given and i < len(given) else f"param{position}")
         return names
-
-
-_DECIDE_ON = ("auto", "host", "device")
-
-
-def _decide_on_host(decide_on: str, device: torch.device) -> bool:
-    """Whether decisions are taken on the host (see the module docstring)."""
-    if decide_on not in _DECIDE_ON:
-        raise ValueError(f"`decide_on` must be one of {list(_DECIDE_ON)}. "
-                         f"Received: decide_on={decide_on!r}")
-    if decide_on == "host" and device.type != "cpu":
-        raise ValueError("`decide_on='host'` needs the parameters on CPU. Received: "
-                         f"decide_on='host' with parameters on {device}; use 'auto' or "
-                         "'device'.")
-    return decide_on == "host" or (decide_on == "auto" and device.type == "cpu")
-
-
-def _has_state(inner: torch.optim.Optimizer) -> bool:
-    """Whether every parameter already has its (lazily created) optimizer state."""
-    return all(len(inner.state.get(p, ())) > 0
-               for group in inner.param_groups for p in group["params"])
-
-
-def _first_device(inner: torch.optim.Optimizer) -> torch.device:
-    for group in inner.param_groups:
-        for p in group["params"]:
-            return _batch.local(p).device
-    return torch.device("cpu")
 
 
 __all__ = ["SafeOptimizer"]
