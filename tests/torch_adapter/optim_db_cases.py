@@ -5,8 +5,10 @@ one CPU implementation (``forloop``, ``foreach``, ``fused``, ``differentiable``,
 or ``only`` for optimizers without implementation flags) and one input variant
 (the constructor keywords of ``optim_inputs_func``). :func:`cases` returns
 every CPU implementation of every optimizer with a sample of the input
-variants (every variant is in the sample of some implementation); with
-``SAFEOPT_OPTIM_DB=all`` it returns the whole catalogue.
+variants: the default one on every implementation, and the others in turn
+on one implementation each (every variant of an optimizer with two or more
+implementations, every other one of ``LBFGS``, ``Muon`` and ``SparseAdam``);
+with ``SAFEOPT_OPTIM_DB=all`` it returns the whole catalogue.
 
 A :class:`Problem` is a quadratic objective over a few parameters (a
 matrix, a vector, a 0-d and an empty tensor; complex ones on request) whose
@@ -49,8 +51,6 @@ TORCH_SKIPS = {
     "dense": "torch: SparseAdam does not support dense gradients, see "
              "https://github.com/pytorch/pytorch/issues/116507",
 }
-#: Every input variant is run by this many implementations or more in the CI sample.
-SAMPLE = 3
 #: Policies that never change an update, and where their decisions are taken.
 NEVER = {"off": ("off", "auto"), "never-host": ({"clip_norm": 1e30}, "host"),
          "never-device": ({"clip_norm": 1e30}, "device")}
@@ -113,9 +113,10 @@ def cases(sample: bool | None = None) -> list[Case]:
     out = []
     for info in optim_db:
         inputs = info.optim_inputs_func(device="cpu")
-        for j, impl in enumerate(_impls(info)):
+        impls = _impls(info)
+        for j, impl in enumerate(impls):
             for i, optim_input in enumerate(inputs):
-                if not sample or (i + j) % SAMPLE == 0 or (i == 0 and impl != "forloop"):
+                if not sample or i == 0 or i % max(len(impls), 2) == j:
                     out.append(Case(info, impl, i, optim_input.desc))
     return out
 

@@ -362,10 +362,11 @@ def test_lbfgs_without_a_closure_raises_its_own_error(case: Case) -> None:
     assert safeopt.stats(opt)["steps"] == 0
 
 
+@pytest.mark.parametrize("decide_on", ["host", "device"])
 @pytest.mark.parametrize("case", params_of(LBFGS))
-def test_lbfgs_every_evaluation_follows_the_policy(case: Case) -> None:
+def test_lbfgs_every_evaluation_follows_the_policy(case: Case, decide_on: str) -> None:
     problem = Problem(case)
-    opt = case.wrap(problem.params, {"clip_norm": 0.25})
+    opt = case.wrap(problem.params, {"clip_norm": 0.25}, decide_on)
     seen: list[float] = []
     gather = opt.inner._gather_flat_grad
 
@@ -381,11 +382,12 @@ def test_lbfgs_every_evaluation_follows_the_policy(case: Case) -> None:
     assert safeopt.stats(opt)["steps"] == 1  # the state advances once per step
 
 
+@pytest.mark.parametrize("decide_on", ["host", "device"])
 @pytest.mark.parametrize("case", params_of(LBFGS))
-def test_lbfgs_a_nonfinite_later_evaluation_abandons_the_step(case: Case) -> None:
+def test_lbfgs_a_nonfinite_later_evaluation_abandons_the_step(case: Case, decide_on: str) -> None:
     problem = Problem(case)
     ref_problem = problem.clone()
-    opt = case.wrap(problem.params, {"clip_norm": 1e30})
+    opt = case.wrap(problem.params, {"clip_norm": 1e30}, decide_on)
     ref = case.make(ref_problem.params)
     params = frozen(problem.params)
     problem.poison[2] = float("inf")  # LBFGS's second re-evaluation
