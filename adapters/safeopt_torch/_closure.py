@@ -10,12 +10,16 @@ but ``LBFGS``) sees exactly what a bare one would, with no extra
 evaluation. Every later call (``LBFGS``'s iterations and line search)
 evaluates the closure and applies the policy to the gradients it produced
 (:func:`reapply`) with the thresholds in force for this step; safeopt's
-state advances once per step, not per evaluation.
+state advances once per step, not per evaluation. Norm clipping at every
+evaluation changes the gradients ``LBFGS`` builds its curvature estimates
+from, as a ``clip_grad_norm_`` inside the closure would: with ``LBFGS``,
+the protections that keep its model of the objective intact are the
+non-finite skip and the penalty.
 
 When the policy skips non-finite updates and a later evaluation is
 non-finite (loss or gradients), the replay raises :class:`Abort`: the
 wrapper puts the parameters and the inner optimizer's state back as they
-were before the inner step (:func:`safeopt_torch._inner.snapshot`) and
+were before the inner step (:func:`safeopt_torch._delegate.snapshot`) and
 counts the step as a skip (:func:`abandon`), so it never happened.
 """
 

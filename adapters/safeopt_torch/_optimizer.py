@@ -89,12 +89,12 @@ measured by their modulus (see :mod:`safeopt_torch._kernels`).
 ``opt.step(closure)`` evaluates the closure once and decides on its
 gradients like any step; the inner optimizer gets a replay whose first call
 returns that loss, so an optimizer that evaluates its closure once sees what
-a bare one would. ``LBFGS`` evaluates it again as it iterates: the policy
-then applies to the gradients of each evaluation, as ``clip_grad_norm_``
-called inside the closure would (with this step's thresholds; safeopt's
-state advances once per step). A non-finite first evaluation skips the
-step; a non-finite later one abandons it: parameters and the inner state
-are put back, and it counts as a skip (:mod:`safeopt_torch._closure`).
+a bare one would. ``LBFGS`` (or any optimizer that evaluates it again)
+then gets the policy applied to the gradients of each evaluation, as if it
+ran inside the closure, with this step's thresholds (safeopt's state
+advances once per step). A non-finite first evaluation skips the step; a
+non-finite later one abandons it: parameters and the inner state are put
+back, and it counts as a skip (:mod:`safeopt_torch._closure`).
 
 The wrapper's ``step`` fires the global step hooks
 (``register_optimizer_step_pre_hook``) and its own, once; the inner step runs
@@ -122,7 +122,7 @@ from torch import Tensor
 
 import safeopt.adapter as sa
 from safeopt import Policy
-from safeopt_torch import _inner
+from safeopt_torch import _delegate
 from safeopt_torch._closure import Abort, Replay, abandon
 from safeopt_torch._runner import Runner, _can_skip
 from safeopt_torch._watch import HostWatch
@@ -170,11 +170,11 @@ class SafeOptimizer(torch.optim.Optimizer):
         for name in _HOOK_TABLES:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
-        self._fused = _inner.fused_capable(inner)
-        self._inner_ready = _inner.has_state(inner)
+        self._fused = _delegate.fused_capable(inner)
+        self._inner_ready = _delegate.has_state(inner)
         self._host_step = 0
-        device = _inner.first_device(inner)
-        self._run = Runner(inner, policy, _inner.decide_on_host(decide_on, device), device)
+        device = _delegate.first_device(inner)
+        self._run = Runner(inner, policy, _delegate.decide_on_host(decide_on, device), device)
 
     # -- shared with the inner optimizer --------------------------------------
     @property
@@ -263,7 +263,7 @@ class SafeOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a parameter group to the inner optimizer; safeopt's per-tensor state grows."""
         self._inner.add_param_group(param_group)
-        self._fused = _inner.fused_capable(self._inner)
+        self._fused = _delegate.fused_capable(self._inner)
         self._inner_ready = False
         self._run.resize()
 
@@ -282,8 +282,8 @@ class SafeOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         saved = state_dict.pop("safeopt", None)
         self._inner.load_state_dict(state_dict)
-        self._inner_ready = _inner.has_state(self._inner)
-        self._fused = _inner.fused_capable(self._inner)  # an older state dict may drop `fused`
+        self._inner_ready = _delegate.has_state(self._inner)
+        self._fused = _delegate.fused_capable(self._inner)  # an older state dict may drop `fused`
         if saved is None:
             return
         self._run.load(dict(saved["state"]))
@@ -312,9 +312,9 @@ class SafeOptimizer(torch.optim.Optimizer):
             were skipped (on the fused path on an accelerator, possibly one
             step later).
         """
-        kind = _inner.step_kind(type(self._inner))
+        kind = _delegate.step_kind(type(self._inner))
         if closure is None and kind.requires_closure:
-            _inner.unhooked(type(self._inner).step)(self._inner)  # raises the inner's TypeError
+            _delegate.unhooked(type(self._inner).step)(self._inner)  # raises the inner's TypeError
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -345,16 +345,16 @@ class SafeOptimizer(torch.optim.Optimizer):
                     replay: Replay | None) -> None:
         """Runs the inner step (the fused kernel's inputs when given); undoes an abandoned one."""
         inner = self._inner
-        saved = _inner.snapshot(inner) if replay is not None and replay.may_abort else None
+        saved = _delegate.snapshot(inner) if replay is not None and replay.may_abort else None
         try:
             if grad_scale is not None:
                 inner.grad_scale = grad_scale  # type: ignore[attr-defined]
             if found_inf is not None:
                 inner.found_inf = found_inf  # type: ignore[attr-defined]
-            _inner.run_step(inner, replay)
+            _delegate.run_step(inner, replay)
         except Abort:
             if saved is not None:
-                _inner.restore(inner, saved)
+                _delegate.restore(inner, saved)
             raise
         finally:
             inner.__dict__.pop("grad_scale", None)

@@ -403,6 +403,41 @@ def test_lbfgs_a_nonfinite_later_evaluation_abandons_the_step(case: Case, decide
     _assert_twins(ref, ref_problem, opt, problem)
 
 
+class _LookTwice(torch.optim.SGD):
+    """A third-party optimizer whose optional closure is evaluated again after the update."""
+
+    def step(self, closure=None):  # type: ignore[override]
+        loss = closure()
+        super().step()
+        closure()
+        return loss
+
+
+@pytest.mark.parametrize("decide_on", ["host", "device"])
+def test_a_third_party_optimizer_that_reevaluates_is_protected_too(decide_on: str) -> None:
+    params = [torch.ones(3, requires_grad=True)]
+    evaluations: list[torch.Tensor] = []
+
+    def closure(value: float = 10.0) -> torch.Tensor:
+        params[0].grad = torch.full((3,), value)
+        evaluations.append(params[0].detach().clone())
+        return torch.tensor(value)
+
+    from safeopt_torch import SafeOptimizer
+
+    opt = SafeOptimizer(_LookTwice(params, lr=0.1), safeopt.load_policy({"clip_norm": 1.0}),
+                        decide_on=decide_on)
+    opt.step(closure)
+    assert len(evaluations) == 2  # once by the wrapper, once by the optimizer
+    assert torch.allclose(params[0].grad.norm(), torch.tensor(1.0))  # clipped again
+    after = params[0].detach().clone()
+    torch.testing.assert_close(after, torch.full((3,), 1 - 0.1 / 3 ** 0.5))
+    opt.step(lambda: closure(float("nan")) if len(evaluations) == 3 else closure())
+    assert len(evaluations) == 4
+    assert torch.equal(params[0].detach(), after)  # the update was rolled back
+    assert safeopt.stats(opt)["skips"] == 1
+
+
 # -- errors ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("info", "error"), list(error_inputs()))
 def test_the_inner_optimizers_step_errors_come_through(info: object, error: object) -> None:
