@@ -12,9 +12,10 @@ evaluates the closure and applies the policy to the gradients it produced
 (:func:`reapply`) with the thresholds in force for this step; safeopt's
 state advances once per step, not per evaluation. Norm clipping at every
 evaluation changes the gradients ``LBFGS`` builds its curvature estimates
-from, as a ``clip_grad_norm_`` inside the closure would: with ``LBFGS``,
-the protections that keep its model of the objective intact are the
-non-finite skip and the penalty.
+from, as a ``clip_grad_norm_`` inside the closure would (and a penalty
+adds to the gradients, not to the loss the line search compares): a policy
+that only skips non-finite updates leaves ``LBFGS``'s model of the
+objective intact.
 
 When the policy skips non-finite updates and a later evaluation is
 non-finite (loss or gradients), the replay raises :class:`Abort`: the
