@@ -37,6 +37,7 @@ from torch.optim.optimizer import (
 )
 
 import safeopt
+from safeopt_torch import SafeOptimizer
 
 CASES = cases()
 FIRST = [c for c in CASES if c.index == 0]  # each optimizer and implementation once
@@ -158,6 +159,8 @@ def test_state_dict_round_trips_both_ways(case: Case) -> None:
         loaded.load_state_dict(copy.deepcopy(saved))
         drive(case, loaded, other, 3)
         _assert_twins(opt, problem, loaded, other)
+        if isinstance(loaded, SafeOptimizer):  # safeopt's own state went on alike
+            assert_same(opt.state_dict()["safeopt"], loaded.state_dict()["safeopt"], "safeopt")
     assert_same(saved, kept, "state dict after loading")
     # bare -> wrapped
     bare_problem = at_save.clone()
@@ -422,8 +425,6 @@ def test_a_third_party_optimizer_that_reevaluates_is_protected_too(decide_on: st
         params[0].grad = torch.full((3,), value)
         evaluations.append(params[0].detach().clone())
         return torch.tensor(value)
-
-    from safeopt_torch import SafeOptimizer
 
     opt = SafeOptimizer(_LookTwice(params, lr=0.1), safeopt.load_policy({"clip_norm": 1.0}),
                         decide_on=decide_on)
