@@ -50,6 +50,8 @@ def test_clip_value_clamps_the_modulus_and_keeps_the_phase() -> None:
     p = torch.zeros(4, dtype=torch.complex64, requires_grad=True)
     p.grad = torch.tensor([3 + 4j, 0.3 - 0.1j, -1j, 0.2 + 0.2j], dtype=torch.complex64)
     g = p.grad.clone()
+    with pytest.raises(RuntimeError, match="complex"):  # torch has no meaning for it
+        torch.nn.utils.clip_grad_value_([p], 0.5)
     (seen,) = _seen([p], {"clip_value": 0.5, "clip_norm": None})
     big = g.abs() > 0.5
     torch.testing.assert_close(seen.abs()[big], torch.full((2,), 0.5))
