@@ -13,7 +13,8 @@ with ``SAFEOPT_OPTIM_DB=all`` it returns the whole catalogue.
 A :class:`Problem` is a quadratic objective over a few parameters (a
 matrix, a vector, a 0-d and an empty tensor; complex ones on request) whose
 gradients are written in closed form, as autograd would accumulate them,
-so the same step sequence runs on a bare and on a wrapped optimizer.
+so the same step sequence (:func:`drive`) runs on a bare and on a wrapped
+optimizer (:func:`twins`), compared bit for bit (:func:`assert_twins`).
 """
 
 from __future__ import annotations
@@ -268,3 +269,40 @@ def inner_state(opt: torch.optim.Optimizer) -> Any:
     """The per-parameter state in parameter order (the wrapper's is the inner one's)."""
     params = [p for group in opt.param_groups for p in group["params"]]
     return [dict(opt.state.get(p, {})) for p in params]
+
+
+def skip_unless_runnable(case: Case, *also: str) -> None:
+    """Skips, with torch's reason, what torch's tests skip."""
+    if case.sparse_only:
+        pytest.skip(TORCH_SKIPS["dense"])
+    if "differentiable" in also and case.impl == "differentiable":
+        pytest.skip(TORCH_SKIPS["differentiable"])
+    if "param_groups" in also and not case.info.supports_param_groups:
+        pytest.skip(TORCH_SKIPS["param_groups"])
+    if "fused_complex" in also and case.impl == "fused":
+        pytest.skip(TORCH_SKIPS["fused_complex"])
+
+
+def schedulers_of(case: Case) -> list[Any]:
+    """One of the case's LR scheduler combinations (``scheduler_inputs``), by variant."""
+    options = case.info.scheduler_inputs
+    return list(options[case.index % len(options)])
+
+
+def twins(case: Case, policy: str, **problem_kw: Any) -> tuple[Any, Problem, Any, Problem]:
+    """A bare and a wrapped optimizer of ``case`` on two copies of one problem."""
+    bare_problem = Problem(case, **problem_kw)
+    problem = bare_problem.clone()
+    spec, decide_on = NEVER[policy]
+    return (case.make(bare_problem.params), bare_problem,
+            case.wrap(problem.params, spec, decide_on), problem)
+
+
+def assert_twins(bare: torch.optim.Optimizer, bare_problem: Problem,
+                 opt: torch.optim.Optimizer, problem: Problem) -> None:
+    """Parameters, per-parameter state and group settings are equal bit for bit."""
+    assert_same(bare_problem.params, problem.params, "params")
+    assert_same(inner_state(bare), inner_state(opt), "state")
+    assert_same([{k: v for k, v in g.items() if k != "params"} for g in bare.param_groups],
+                [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+                "param_groups")

@@ -6,8 +6,8 @@ fused, differentiable) and a sample of its input variants (all of them with
 ``test/test_optim.py``: wrapped with ``"off"`` and with a policy that never
 triggers (decided on the host and on the device), the wrapper must leave
 trajectories, LR schedules, state dicts, copies, pickles and hooks exactly as
-the bare optimizer has them. A case is skipped only where torch's own tests
-skip it, with torch's reason.
+the bare optimizer has them (closures: test_torch_optim_db_closures.py). A
+case is skipped only where torch's own tests skip it, with torch's reason.
 """
 
 from __future__ import annotations
@@ -19,17 +19,18 @@ import pytest
 import torch
 from optim_db_cases import (
     NEVER,
-    TORCH_SKIPS,
     Case,
     Problem,
     assert_same,
+    assert_twins,
     cases,
     drive,
     error_inputs,
-    frozen,
-    inner_state,
     non_leaf,
     params_of,
+    schedulers_of,
+    skip_unless_runnable,
+    twins,
 )
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
@@ -41,57 +42,21 @@ from safeopt_torch import SafeOptimizer
 
 CASES = cases()
 FIRST = [c for c in CASES if c.index == 0]  # each optimizer and implementation once
-LBFGS = [c for c in CASES if c.info.step_requires_closure]
 STEPS = 6
-
-
-def _skip_unless_runnable(case: Case, *also: str) -> None:
-    """Skips, with torch's reason, what torch's tests skip."""
-    if case.sparse_only:
-        pytest.skip(TORCH_SKIPS["dense"])
-    if "differentiable" in also and case.impl == "differentiable":
-        pytest.skip(TORCH_SKIPS["differentiable"])
-    if "param_groups" in also and not case.info.supports_param_groups:
-        pytest.skip(TORCH_SKIPS["param_groups"])
-    if "fused_complex" in also and case.impl == "fused":
-        pytest.skip(TORCH_SKIPS["fused_complex"])
-
-
-def _schedulers(case: Case) -> list:
-    options = case.info.scheduler_inputs
-    return list(options[case.index % len(options)])
-
-
-def _twins(case: Case, policy: str, **problem_kw: object):
-    """A bare and a wrapped optimizer of ``case`` on two copies of one problem."""
-    bare_problem = Problem(case, **problem_kw)
-    problem = bare_problem.clone()
-    spec, decide_on = NEVER[policy]
-    return (case.make(bare_problem.params), bare_problem,
-            case.wrap(problem.params, spec, decide_on), problem)
-
-
-def _assert_twins(bare: torch.optim.Optimizer, bare_problem: Problem,
-                  opt: torch.optim.Optimizer, problem: Problem) -> None:
-    assert_same(bare_problem.params, problem.params, "params")
-    assert_same(inner_state(bare), inner_state(opt), "state")
-    assert_same([{k: v for k, v in g.items() if k != "params"} for g in bare.param_groups],
-                [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
-                "param_groups")
 
 
 # -- trajectories ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("policy", list(NEVER))
 @pytest.mark.parametrize("case", params_of(CASES))
 def test_trajectory_with_a_scheduler_is_bit_identical(case: Case, policy: str) -> None:
-    _skip_unless_runnable(case)
-    bare, bare_problem, opt, problem = _twins(case, policy)
+    skip_unless_runnable(case)
+    bare, bare_problem, opt, problem = twins(case, policy)
     none_at = None if case.info.step_requires_closure else 3
     steps = 3 if case.info.step_requires_closure else STEPS
-    losses = drive(case, bare, bare_problem, steps, [s(bare) for s in _schedulers(case)], none_at)
-    got = drive(case, opt, problem, steps, [s(opt) for s in _schedulers(case)], none_at)
+    losses = drive(case, bare, bare_problem, steps, [s(bare) for s in schedulers_of(case)], none_at)
+    got = drive(case, opt, problem, steps, [s(opt) for s in schedulers_of(case)], none_at)
     assert_same(losses, got, "losses")
-    _assert_twins(bare, bare_problem, opt, problem)
+    assert_twins(bare, bare_problem, opt, problem)
     assert opt.path == ("fused" if case.impl == "fused" else "foreach")
     stats = safeopt.stats(opt)
     assert (stats["skips"], stats["norm_clips"]) == (0, 0)
@@ -101,12 +66,12 @@ def test_trajectory_with_a_scheduler_is_bit_identical(case: Case, policy: str) -
 @pytest.mark.parametrize("policy", ["never-host", "never-device"])
 @pytest.mark.parametrize("case", params_of([c for c in CASES if c.info.supports_complex]))
 def test_complex_parameters_match_the_bare_optimizer(case: Case, policy: str) -> None:
-    _skip_unless_runnable(case, "differentiable", "fused_complex")
-    bare, bare_problem, opt, problem = _twins(case, policy, complex_=True)
+    skip_unless_runnable(case, "differentiable", "fused_complex")
+    bare, bare_problem, opt, problem = twins(case, policy, complex_=True)
     steps = 3 if case.info.step_requires_closure else STEPS
     drive(case, bare, bare_problem, steps)
     drive(case, opt, problem, steps)
-    _assert_twins(bare, bare_problem, opt, problem)
+    assert_twins(bare, bare_problem, opt, problem)
 
 
 CLIPPING = {"global": {"clip_norm": 0.5}, "l2": {"clip_norm": None, "l2": 0.01},
@@ -121,7 +86,7 @@ def test_complex_parameters_clip_as_their_real_view(case: Case, policy: str) -> 
     (A complex vector is one unit for ``unitwise``, its real view one unit
     per element: see test_complex_kernels for that scope.)
     """
-    _skip_unless_runnable(case, "differentiable", "fused_complex")
+    skip_unless_runnable(case, "differentiable", "fused_complex")
     problem = Problem(case, complex_=True)
     real = problem.clone()
     real.params = [torch.view_as_real(p.detach()).clone().requires_grad_() if p.is_complex()
@@ -144,7 +109,7 @@ def test_complex_parameters_clip_as_their_real_view(case: Case, policy: str) -> 
 # -- state dicts -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", params_of(CASES))
 def test_state_dict_round_trips_both_ways(case: Case) -> None:
-    _skip_unless_runnable(case, "differentiable")
+    skip_unless_runnable(case, "differentiable")
     spec, decide_on = NEVER["never-host"]
     problem = Problem(case)
     opt = case.wrap(problem.params, spec, decide_on)
@@ -158,7 +123,7 @@ def test_state_dict_round_trips_both_ways(case: Case) -> None:
         loaded = make(other.params)
         loaded.load_state_dict(copy.deepcopy(saved))
         drive(case, loaded, other, 3)
-        _assert_twins(opt, problem, loaded, other)
+        assert_twins(opt, problem, loaded, other)
         if isinstance(loaded, SafeOptimizer):  # safeopt's own state went on alike
             assert_same(opt.state_dict()["safeopt"], loaded.state_dict()["safeopt"], "safeopt")
     assert_same(saved, kept, "state dict after loading")
@@ -171,7 +136,7 @@ def test_state_dict_round_trips_both_ways(case: Case) -> None:
     wrapped.load_state_dict(copy.deepcopy(bare.state_dict()))  # loading shares tensors
     drive(case, bare, bare_problem, 3)
     drive(case, wrapped, into, 3)
-    _assert_twins(bare, bare_problem, wrapped, into)
+    assert_twins(bare, bare_problem, wrapped, into)
 
 
 @pytest.mark.parametrize("case", params_of(CASES))
@@ -181,8 +146,8 @@ def test_an_older_state_dict_loads_and_the_next_step_clips(case: Case) -> None:
     Dropping ``fused`` makes the inner optimizer non-fused: the wrapper must
     leave the fused path with it, also on a step that clips.
     """
-    _skip_unless_runnable(case, "differentiable")
-    bare, bare_problem, opt, problem = _twins(case, "never-device")
+    skip_unless_runnable(case, "differentiable")
+    bare, bare_problem, opt, problem = twins(case, "never-device")
     clipped_problem = problem.clone()
     clipping = case.wrap(clipped_problem.params, {"clip_norm": 1e-3})
     for o, prob in ((bare, bare_problem), (opt, problem), (clipping, clipped_problem)):
@@ -197,7 +162,7 @@ def test_an_older_state_dict_loads_and_the_next_step_clips(case: Case) -> None:
     for o, prob in ((bare, bare_problem), (opt, problem), (clipping, clipped_problem)):
         prob.poison[prob.evaluations] = 1e3  # a gradient the next step clips
         drive(case, o, prob, 2)
-    _assert_twins(bare, bare_problem, opt, problem)
+    assert_twins(bare, bare_problem, opt, problem)
     assert safeopt.stats(clipping)["norm_clips"] >= 1
 
 
@@ -222,12 +187,12 @@ def _stepped_copy(case: Case, opt: torch.optim.Optimizer, problem: Problem,
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("case", params_of(CASES))
 def test_a_copy_with_a_scheduler_attached_is_independent(case: Case, how: str) -> None:
-    _skip_unless_runnable(case, "differentiable")
+    skip_unless_runnable(case, "differentiable")
     clone = copy.deepcopy if how == "deepcopy" else lambda o: pickle.loads(pickle.dumps(o))
-    bare, bare_problem, opt, problem = _twins(case, "never-host")
+    bare, bare_problem, opt, problem = twins(case, "never-host")
     assert _public(clone(opt)) == _public(opt)  # torch's test_deepcopy_copies_all_public_attrs
-    schedulers = [s(opt) for s in _schedulers(case)]
-    bare_schedulers = [s(bare) for s in _schedulers(case)]
+    schedulers = [s(opt) for s in schedulers_of(case)]
+    bare_schedulers = [s(bare) for s in schedulers_of(case)]
     drive(case, bare, bare_problem, 2, bare_schedulers)
     drive(case, opt, problem, 2, schedulers)
     before = [p.detach().clone() for p in problem.params]
@@ -235,18 +200,18 @@ def test_a_copy_with_a_scheduler_attached_is_independent(case: Case, how: str) -
     bare_copied, bare_mine, bare_error = _stepped_copy(case, bare, bare_problem, clone)
     assert_same(before, [p.detach() for p in problem.params], "original after the copy stepped")
     assert error == bare_error
-    _assert_twins(bare_copied, bare_mine, copied, mine)
+    assert_twins(bare_copied, bare_mine, copied, mine)
     assert copied.inner is copied._run.inner and copied.inner is not opt.inner
     drive(case, bare, bare_problem, 2, bare_schedulers)  # the original goes on as before
     drive(case, opt, problem, 2, schedulers)
-    _assert_twins(bare, bare_problem, opt, problem)
+    assert_twins(bare, bare_problem, opt, problem)
 
 
 # -- hooks, parameter groups, tensor lr ------------------------------------------------------------
 @pytest.mark.parametrize("case", params_of(CASES))
 def test_global_and_local_step_hooks_fire_once(case: Case) -> None:
     """torch's test_step_all_hooks: ``[0, 1, 2, 5]`` per step; the inner's own hooks once."""
-    _skip_unless_runnable(case)
+    skip_unless_runnable(case)
     problem = Problem(case)
     opt = case.wrap(problem.params, NEVER["never-host"][0])
     other = torch.optim.SGD([torch.zeros(2, 2, requires_grad=True)])
@@ -288,8 +253,8 @@ def test_global_and_local_step_hooks_fire_once(case: Case) -> None:
 @pytest.mark.parametrize("policy", ["never-host", "never-device"])
 @pytest.mark.parametrize("case", params_of(CASES))
 def test_add_param_group_mid_run(case: Case, policy: str) -> None:
-    _skip_unless_runnable(case, "param_groups")
-    bare, bare_problem, opt, problem = _twins(case, policy)
+    skip_unless_runnable(case, "param_groups")
+    bare, bare_problem, opt, problem = twins(case, policy)
     drive(case, bare, bare_problem, 2)
     drive(case, opt, problem, 2)
     lr = case.kwargs().get("lr", 1e-3)
@@ -302,13 +267,13 @@ def test_add_param_group_mid_run(case: Case, policy: str) -> None:
         prob.weights.append(1.5)
     drive(case, bare, bare_problem, 3)
     drive(case, opt, problem, 3)
-    _assert_twins(bare, bare_problem, opt, problem)
+    assert_twins(bare, bare_problem, opt, problem)
 
 
 @pytest.mark.parametrize("case", params_of(FIRST))
 def test_tensor_lr(case: Case) -> None:
     """torch's test_tensor_lr: a tensor lr, wrapped, follows the bare optimizer."""
-    _skip_unless_runnable(case, "differentiable")
+    skip_unless_runnable(case, "differentiable")
     bare_problem = Problem(case)
     problem = bare_problem.clone()
     lr = torch.tensor(1.0 if case.info.step_requires_closure else 1e-3)
@@ -317,126 +282,9 @@ def test_tensor_lr(case: Case) -> None:
     except ValueError as e:  # torch's test goes on to the next input
         pytest.skip(f"torch: {e}")
     opt = case.wrap(problem.params, NEVER["never-device"][0], "device", lr=lr.clone())
-    drive(case, bare, bare_problem, 4, [s(bare) for s in _schedulers(case)])
-    drive(case, opt, problem, 4, [s(opt) for s in _schedulers(case)])
-    _assert_twins(bare, bare_problem, opt, problem)
-
-
-# -- closures --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("policy", list(NEVER))
-@pytest.mark.parametrize("case", params_of(CASES))
-def test_step_with_a_closure(case: Case, policy: str) -> None:
-    _skip_unless_runnable(case)
-    bare, bare_problem, opt, problem = _twins(case, policy)
-    for _ in range(3):
-        got = opt.step(lambda: problem.closure(zero=True))
-        want = bare.step(lambda: bare_problem.closure(zero=True))
-        assert_same(want, got, "loss")
-    assert problem.evaluations == bare_problem.evaluations
-    _assert_twins(bare, bare_problem, opt, problem)
-
-
-@pytest.mark.parametrize("policy", ["never-host", "never-device"])
-@pytest.mark.parametrize("case", params_of(FIRST))
-def test_a_nonfinite_first_evaluation_skips_the_step(case: Case, policy: str) -> None:
-    _skip_unless_runnable(case)
-    problem = Problem(case)
-    opt = case.wrap(problem.params, *NEVER[policy])
-    drive(case, opt, problem, 2)
-    params, state = frozen(problem.params), frozen(inner_state(opt))
-    evaluations = problem.evaluations
-    problem.poison[evaluations] = float("nan")
-    loss = opt.step(lambda: problem.closure(zero=True))
-    assert loss.isnan() and problem.evaluations == evaluations + 1  # the inner step never ran
-    assert_same(params, [p.detach() for p in problem.params], "params")
-    assert_same(state, inner_state(opt), "state")
-    assert safeopt.stats(opt)["skips"] == 1
-
-
-@pytest.mark.parametrize("case", params_of([c for c in LBFGS if c.impl == "only"]))
-def test_lbfgs_without_a_closure_raises_its_own_error(case: Case) -> None:
-    problem = Problem(case)
-    with pytest.raises(TypeError) as bare_error:
-        case.make(problem.clone().params).step()
-    opt = case.wrap(problem.params, {})
-    with pytest.raises(TypeError, match="closure") as error:
-        opt.step()
-    assert str(error.value) == str(bare_error.value)
-    assert safeopt.stats(opt)["steps"] == 0
-
-
-@pytest.mark.parametrize("decide_on", ["host", "device"])
-@pytest.mark.parametrize("case", params_of(LBFGS))
-def test_lbfgs_every_evaluation_follows_the_policy(case: Case, decide_on: str) -> None:
-    problem = Problem(case)
-    opt = case.wrap(problem.params, {"clip_norm": 0.25}, decide_on)
-    seen: list[float] = []
-    gather = opt.inner._gather_flat_grad
-
-    def spy() -> torch.Tensor:
-        flat = gather()
-        seen.append(float(flat.norm()))
-        return flat
-
-    opt.inner._gather_flat_grad = spy
-    opt.step(lambda: problem.closure(zero=True))
-    assert len(seen) > 1 and problem.evaluations == len(seen)
-    assert max(seen) <= 0.25 * (1 + 1e-5)
-    assert safeopt.stats(opt)["steps"] == 1  # the state advances once per step
-
-
-@pytest.mark.parametrize("decide_on", ["host", "device"])
-@pytest.mark.parametrize("case", params_of(LBFGS))
-def test_lbfgs_a_nonfinite_later_evaluation_abandons_the_step(case: Case, decide_on: str) -> None:
-    problem = Problem(case)
-    ref_problem = problem.clone()
-    opt = case.wrap(problem.params, {"clip_norm": 1e30}, decide_on)
-    ref = case.make(ref_problem.params)
-    params = frozen(problem.params)
-    problem.poison[2] = float("inf")  # LBFGS's second re-evaluation
-    loss = opt.step(lambda: problem.closure(zero=True))
-    assert problem.evaluations == 3 and torch.isfinite(loss)
-    assert_same(params, frozen(problem.params), "params")
-    assert_same([{}] * len(params), inner_state(opt), "state")
-    stats = safeopt.stats(opt)
-    assert (stats["steps"], stats["skips"], stats["nonfinite"]) == (0, 1, 1)
-    for _ in range(2):  # it never happened
-        for o, p in ((opt, problem), (ref, ref_problem)):
-            o.step(lambda p=p: p.closure(zero=True))
-    _assert_twins(ref, ref_problem, opt, problem)
-
-
-class _LookTwice(torch.optim.SGD):
-    """A third-party optimizer whose optional closure is evaluated again after the update."""
-
-    def step(self, closure=None):  # type: ignore[override]
-        loss = closure()
-        super().step()
-        closure()
-        return loss
-
-
-@pytest.mark.parametrize("decide_on", ["host", "device"])
-def test_a_third_party_optimizer_that_reevaluates_is_protected_too(decide_on: str) -> None:
-    params = [torch.ones(3, requires_grad=True)]
-    evaluations: list[torch.Tensor] = []
-
-    def closure(value: float = 10.0) -> torch.Tensor:
-        params[0].grad = torch.full((3,), value)
-        evaluations.append(params[0].detach().clone())
-        return torch.tensor(value)
-
-    opt = SafeOptimizer(_LookTwice(params, lr=0.1), safeopt.load_policy({"clip_norm": 1.0}),
-                        decide_on=decide_on)
-    opt.step(closure)
-    assert len(evaluations) == 2  # once by the wrapper, once by the optimizer
-    assert torch.allclose(params[0].grad.norm(), torch.tensor(1.0))  # clipped again
-    after = params[0].detach().clone()
-    torch.testing.assert_close(after, torch.full((3,), 1 - 0.1 / 3 ** 0.5))
-    opt.step(lambda: closure(float("nan")) if len(evaluations) == 3 else closure())
-    assert len(evaluations) == 4
-    assert torch.equal(params[0].detach(), after)  # the update was rolled back
-    assert safeopt.stats(opt)["skips"] == 1
+    drive(case, bare, bare_problem, 4, [s(bare) for s in schedulers_of(case)])
+    drive(case, opt, problem, 4, [s(opt) for s in schedulers_of(case)])
+    assert_twins(bare, bare_problem, opt, problem)
 
 
 # -- errors ----------------------------------------------------------------------------------------
