@@ -28,13 +28,14 @@ this format), load too.
 
 DCP creates the state of an optimizer that has none by a step with every
 gradient zero and every learning rate 0 (``_init_optim_state``).
-:func:`is_state_init` recognises such a step, which the wrapper hands to
-the inner optimizer without counting it.
+:func:`is_state_init` recognises that caller, and the wrapper hands such a
+step to the inner optimizer without counting it.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,8 +43,6 @@ import torch
 from torch import Tensor
 
 from safeopt import Policy
-from safeopt_torch import _batch
-from safeopt_torch._stages import Stages
 
 #: The key of safeopt's state in each entry of ``param_groups``.
 KEY = "safeopt"
@@ -89,28 +88,30 @@ def detach(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], Mapping[str, 
     return inner, saved
 
 
-def is_state_init(inner: torch.optim.Optimizer, device: torch.device, stages: Stages | None,
-                  cache: dict[Any, Any]) -> bool:
+def is_state_init(inner: torch.optim.Optimizer) -> bool:
     """Whether this step only creates the optimizer's state: DCP's ``_init_optim_state``.
 
-    That is a step with no optimizer state yet, every learning rate 0 and
-    every gradient exactly 0 (on every rank that shares the decision: the
-    shard groups and the pipeline stages agree, with one all-reduce). Such a
-    step changes no parameter; it is not a step of the training run.
+    That is a step called from ``torch.distributed.checkpoint``'s
+    ``_init_optim_state`` (every rank calls it alike), on an optimizer with no
+    state yet and every learning rate 0. Such a step changes no parameter;
+    it is not a step of the training run. A user's own first step with a
+    learning rate of 0 is counted as usual.
     """
     if inner.state or not all(_is_zero(group.get("lr", 0.0)) for group in inner.param_groups):
         return False
-    batch = _batch.collect(inner.param_groups, device, _batch.any_dtensor(inner.param_groups),
-                           cache)
-    if not batch.grads:
-        return False
-    nonzero = torch.stack([torch.count_nonzero(g).to(device) > 0 for g in batch.grads]).any()
-    flag = nonzero.to(torch.float32)
-    if batch.shard is not None:
-        flag = batch.shard.max(flag)
-    if stages is not None:
-        flag = stages.any(flag)
-    return not bool(flag)
+    frame = sys._getframe(1)
+    for _ in range(_FRAMES):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_init_optim_state" and \
+                frame.f_globals.get("__name__", "").startswith("torch.distributed.checkpoint"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+#: How many callers up :func:`is_state_init` looks for DCP's ``_init_optim_state``.
+_FRAMES = 8
 
 
 def _is_zero(lr: Any) -> bool:

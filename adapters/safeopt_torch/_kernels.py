@@ -8,6 +8,16 @@ Under FSDP2 the parameters and gradients are ``DTensor`` shards: statistics
 are computed on the local shards and the squared norms summed across the
 ranks that hold the shards (one all-reduce of a small vector), which is what
 ``clip_grad_norm_`` obtains from ``DTensor.full_tensor()``.
+
+Complex tensors are measured by their modulus ``|z|``: the L2 norm of a
+complex tensor is that of its ``torch.view_as_real`` view (what
+``clip_grad_norm_`` computes), and so is a unit norm. ``clip_value`` clamps
+the modulus of each complex element to ``clip_value`` and keeps its phase
+(``torch.clamp``, and so ``clip_grad_value_``, refuses complex tensors), so
+that ``|g| <= clip_value`` holds for every element, real or complex; a
+non-finite complex element stays non-finite. The L1 penalty's subgradient of
+``|w|`` is ``sgn(w) = w / |w|`` (0 at 0), ``torch.sgn``; the L2 penalty's
+``2 * l2 * w`` is the same for both.
 """
 
 from __future__ import annotations
@@ -52,10 +62,9 @@ class TorchKernels(Kernels):
 
     # -- statistics ----------------------------------------------------------------
     def norms(self, tensors: Sequence[Tensor]) -> Tensor:
-        """float32 1-d norms in batch order (global over DTensor shards)."""
+        """float32 1-d norms in batch order (global over DTensor shards; ``|z|`` for complex)."""
         batch = self.batch
-        parts = [_cpu_norms(ts) if ts and ts[0].device.type == "cpu" else
-                 torch.stack(_foreach_norm32(ts)) for ts in batch.split(list(tensors))]
+        parts = [_group_norms(ts) for ts in batch.split(list(tensors))]
         norms = self._cat(parts)
         if batch.shard is None:
             return norms
@@ -71,10 +80,11 @@ class TorchKernels(Kernels):
         return torch.linalg.vector_norm(self.norms(tensors))
 
     def max_abs(self, tensors: Sequence[Tensor]) -> Tensor:
+        """float32 0-d: the largest ``|x|`` (the modulus of a complex element)."""
         maxes = []
         for ts in self.batch.split(list(tensors)):
             nonempty = [t for t in ts if t.numel() > 0]
-            if not nonempty:
+            if not nonempty:  # |z| of a complex tensor is real
                 continue
             if torch.compiler.is_compiling():  # dynamo does not trace _foreach_max
                 per_tensor = [t.abs().amax() for t in nonempty]
@@ -98,6 +108,10 @@ class TorchKernels(Kernels):
         full = torch.zeros(n, dtype=values.dtype, device=values.device)
         return full.index_copy_(0, index, values), present
 
+    def unit_norms(self, tensor: Tensor) -> Tensor:
+        """Per-unit norms (see :class:`safeopt.adapter.Kernels`), of ``|z|`` for complex."""
+        return super().unit_norms(tensor.abs() if tensor.is_complex() else tensor)
+
     def when(self, pred: Any, compute: Callable[[], Tensor], otherwise: float) -> Tensor:
         """Eager: ``pred`` is a host bool. Compiled: a device bool, under ``torch.cond``."""
         def fallback() -> Tensor:
@@ -113,10 +127,15 @@ class TorchKernels(Kernels):
     # -- changes, in place ---------------------------------------------------------------
     def add_penalty(self, grads: list[Tensor], params: Sequence[Tensor], l1: Any,
                     l2: Any) -> list[Tensor]:
-        """Adds ``l1 * sign(w) + 2 * l2 * w`` in place (Python floats or 0-d tensors)."""
+        """Adds ``l1 * sgn(w) + 2 * l2 * w`` in place (Python floats or 0-d tensors).
+
+        ``sgn(w)`` is ``sign(w)`` for real ``w`` and ``w / |w|`` (0 at 0) for
+        complex ``w``: the subgradient of ``|w|``.
+        """
         for gs, ps in zip(self.batch.split(grads), self.batch.split(list(params))):
             if _nonzero(l1):
-                signs = torch._foreach_sign(ps)
+                signs = [torch.sgn(p) for p in ps] if ps[0].is_complex() else \
+                    torch._foreach_sign(ps)
                 if isinstance(l1, Tensor):
                     torch._foreach_mul_(signs, l1.to(gs[0].device, gs[0].dtype))
                     torch._foreach_add_(gs, signs)
@@ -131,7 +150,13 @@ class TorchKernels(Kernels):
         return grads
 
     def clamp(self, grads: list[Tensor], bound: float) -> list[Tensor]:
+        """Clamps every element to ``[-bound, bound]``; a complex one in modulus, phase kept."""
         for gs in self.batch.split(grads):
+            if gs[0].is_complex():
+                for g in gs:
+                    modulus = g.abs()
+                    g.copy_(torch.where(modulus > bound, g * (bound / modulus), g))
+                continue
             torch._foreach_clamp_min_(gs, -bound)
             torch._foreach_clamp_max_(gs, bound)
         return grads
@@ -174,6 +199,15 @@ class TorchKernels(Kernels):
 
 def _nonzero(c: Any) -> bool:
     return isinstance(c, Tensor) or c != 0.0
+
+
+def _group_norms(tensors: list[Tensor]) -> Tensor:
+    """float32 1-d norms of tensors of one device and dtype (complex: of ``view_as_real``)."""
+    if tensors and tensors[0].is_complex():  # same norm, no copy
+        tensors = [torch.view_as_real(t) for t in tensors]
+    if tensors and tensors[0].device.type == "cpu":
+        return _cpu_norms(tensors)
+    return torch.stack(_foreach_norm32(tensors))
 
 
 def _cpu_norms(tensors: list[Tensor]) -> Tensor:

@@ -108,7 +108,25 @@ the same on every rank (DCP saves one copy) when the ``loss`` given to
 
 Like ``clip_grad_norm_``, the wrapper leaves the clipped gradients in
 ``.grad`` (the fused kernels write back the gradient they divided by
-``grad_scale``). Sparse gradients are refused.
+``grad_scale``). Sparse gradients are refused. Complex parameters are
+measured by their modulus (see :mod:`safeopt_torch._kernels`).
+
+``opt.step(closure)`` evaluates the closure once and decides on its
+gradients like any step; the inner optimizer gets a replay whose first call
+returns that loss, so an optimizer that evaluates its closure once sees what
+a bare one would. ``LBFGS`` (or any optimizer that evaluates it again)
+then gets the policy applied to the gradients of each evaluation, as if it
+ran inside the closure, with this step's thresholds (safeopt's state
+advances once per step). A non-finite first evaluation skips the step; a
+non-finite later one abandons it: parameters and the inner state are put
+back, and it counts as a skip (:mod:`safeopt_torch._closure`).
+
+The wrapper's ``step`` fires the global step hooks
+(``register_optimizer_step_pre_hook``) and its own, once; the inner step runs
+with the inner optimizer's own hooks, not the global ones again. A
+``copy.deepcopy`` or a pickle carries what ``Optimizer.__getstate__`` does
+(the inner optimizer and safeopt's state; no hooks, and nothing an LR
+scheduler patched onto the instance), so a copy steps its own parameters.
 
 References:
   Pascanu, Mikolov & Bengio (2013), On the difficulty of training recurrent
@@ -119,6 +137,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections import OrderedDict
 from collections.abc import Callable
@@ -129,17 +148,17 @@ from torch import Tensor
 
 import safeopt.adapter as sa
 from safeopt import Policy
-from safeopt_torch import _batch, _checkpoint, _stages
-from safeopt_torch._runner import Runner
+from safeopt_torch import _checkpoint, _delegate, _stages
+from safeopt_torch._closure import Abort, Replay, abandon
+from safeopt_torch._runner import Runner, _can_skip
+from safeopt_torch._watch import StreakWatch
 
+_HOOK_TABLES = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
 
-def _fused_capable(inner: torch.optim.Optimizer) -> bool:
-    """Whether ``inner``'s step reads ``grad_scale`` / ``found_inf`` attributes."""
-    if not getattr(inner, "_step_supports_amp_scaling", False):
-        return False
-    if not all(group.get("fused") for group in inner.param_groups):
-        return False
-    return "grad_scaler" not in inspect.signature(inner.step).parameters
+#: What a copy or a pickle of the wrapper carries (see ``__getstate__``).
+_PICKLED = ("_inner", "_run", "_fused", "_inner_ready", "_host_step", "_pending_loss")
 
 
 class SafeOptimizer(torch.optim.Optimizer):
@@ -177,19 +196,15 @@ class SafeOptimizer(torch.optim.Optimizer):
         # Optimizer.__init__ would build param groups of its own: the state is
         # the inner optimizer's, so only the hook tables are set up here.
         self._inner = inner
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        for name in _HOOK_TABLES:
+            setattr(self, name, OrderedDict())
         self._patch_step_function()
-        self._fused = _fused_capable(inner)
-        self._inner_ready = _has_state(inner)
+        self._fused = _delegate.fused_capable(inner)
+        self._inner_ready = _delegate.has_state(inner)
         self._host_step = 0
         self._pending_loss: Any = None
-        device = _first_device(inner)
-        self._run = Runner(inner, policy, _decide_on_host(decide_on, device), device)
+        device = _delegate.first_device(inner)
+        self._run = Runner(inner, policy, _delegate.decide_on_host(decide_on, device), device)
         self._run.owner = self
         self.pipeline_group = pipeline_group
         _checkpoint.mark(inner.param_groups)
@@ -291,10 +306,19 @@ class SafeOptimizer(torch.optim.Optimizer):
                 f"policy={self.policy!r},\n{self._inner!r})")
 
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """The inner optimizer and safeopt's state; hooks and an LR scheduler's patch stay."""
+        state = {name: self.__dict__[name] for name in _PICKLED}
+        run = copy.copy(self._run)
+        run.watch = StreakWatch(run.watch.lag)  # pending device reads stay with the original
+        state["_run"] = run
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_pending_loss", None)
+        self._run.owner = self
+        for name in _HOOK_TABLES:
+            self.__dict__.setdefault(name, OrderedDict())
         self._patch_step_function()
 
     # -- optimizer API ----------------------------------------------------------
@@ -306,7 +330,7 @@ class SafeOptimizer(torch.optim.Optimizer):
         """Adds a parameter group to the inner optimizer; safeopt's per-tensor state grows."""
         self._inner.add_param_group(param_group)
         _checkpoint.mark(self._inner.param_groups)
-        self._fused = _fused_capable(self._inner)
+        self._fused = _delegate.fused_capable(self._inner)
         self._inner_ready = False
         self._run.resize()
 
@@ -348,7 +372,8 @@ class SafeOptimizer(torch.optim.Optimizer):
         inner, saved = _checkpoint.detach(state_dict)
         self._inner.load_state_dict(inner)
         _checkpoint.mark(self._inner.param_groups)
-        self._inner_ready = _has_state(self._inner)
+        self._inner_ready = _delegate.has_state(self._inner)
+        self._fused = _delegate.fused_capable(self._inner)  # an older state dict may drop `fused`
         if saved is not None:
             self._run.load(dict(saved["state"]))
             self._host_step = int(saved.get("host_step", 0))
@@ -358,23 +383,29 @@ class SafeOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *,
              loss: Any = None) -> Any:
-        """Performs one protected optimisation step.
+        """Performs one protected optimisation step (closures: see the module docstring).
 
         Args:
-          closure: Re-evaluates the model and returns the loss (optional).
+          closure: Re-evaluates the model and returns the loss; required
+            when the inner optimizer's ``step`` requires one (``LBFGS``).
           loss: This step's loss (a tensor or a number), for policies that
             read it (non-finite loss skips, ``spike_skip="loss"``); the
             closure's loss is used when it is not given.
 
         Returns:
-          The closure's loss, if a closure was given.
+          The closure's loss (its first evaluation), if a closure was given.
 
         Raises:
+          TypeError: The inner optimizer requires a closure and none was
+            given (the inner optimizer's own message).
           safeopt.DivergenceError: ``max_consecutive_skips`` steps in a row
             were skipped: at that step, or, on the fused path on an
             accelerator, exactly :data:`safeopt_torch._watch.LAG` steps later
             (the step never waits for the device), on every rank alike.
         """
+        kind = _delegate.step_kind(type(self._inner))
+        if closure is None and kind.requires_closure:
+            _delegate.unhooked(type(self._inner).step)(self._inner)  # raises the inner's TypeError
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -395,8 +426,14 @@ class SafeOptimizer(torch.optim.Optimizer):
         self._resync()
         policy = self.policy
         amp_scale, amp_inf = self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
-        streak = self._run.step(self._inner_step, self._fused, self._inner_ready, given,
-                                amp_scale, amp_inf)
+        before = self._run.state
+        replay = None if closure is None or not kind.accepts_closure else Replay(
+            closure, closure_loss, self._run, before, kind.reevaluates and _can_skip(policy))
+        try:
+            streak = self._run.step(lambda scale, inf: self._inner_step(scale, inf, replay),
+                                    self._fused, self._inner_ready, given, amp_scale, amp_inf)
+        except Abort as abort:
+            streak = abandon(self._run, before, abort.stats)
         self._host_step += 1
         if policy.log_every:  # one host read every log_every steps, else nothing
             sa.after_step(self, self._host_step, policy, check=False)
@@ -431,21 +468,26 @@ class SafeOptimizer(torch.optim.Optimizer):
 
         See :func:`safeopt_torch._checkpoint.is_state_init`.
         """
-        run = self._run
-        if not _checkpoint.is_state_init(self._inner, run.device, run.stages, run.shards):
+        if not _checkpoint.is_state_init(self._inner):
             return False
-        self._inner_step(None, None)
+        self._inner_step(None, None, None)
         return True
 
-    def _inner_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """Runs the inner step, handing the fused kernel its inputs when given."""
+    def _inner_step(self, grad_scale: Tensor | None, found_inf: Tensor | None,
+                    replay: Replay | None) -> None:
+        """Runs the inner step (the fused kernel's inputs when given); undoes an abandoned one."""
         inner = self._inner
+        saved = _delegate.snapshot(inner) if replay is not None and replay.may_abort else None
         try:
             if grad_scale is not None:
                 inner.grad_scale = grad_scale  # type: ignore[attr-defined]
             if found_inf is not None:
                 inner.found_inf = found_inf  # type: ignore[attr-defined]
-            inner.step()
+            _delegate.run_step(inner, replay)
+        except Abort:
+            if saved is not None:
+                _delegate.restore(inner, saved)
+            raise
         finally:
             inner.__dict__.pop("grad_scale", None)
             inner.__dict__.pop("found_inf", None)
@@ -483,34 +525,6 @@ class SafeOptimizer(torch.optim.Optimizer):
                 position = len(names)
                 names.append(given[i] if given and i < len(given) else f"param{position}")
         return names
-
-
-_DECIDE_ON = ("auto", "host", "device")
-
-
-def _decide_on_host(decide_on: str, device: torch.device) -> bool:
-    """Whether decisions are taken on the host (see the module docstring)."""
-    if decide_on not in _DECIDE_ON:
-        raise ValueError(f"`decide_on` must be one of {list(_DECIDE_ON)}. "
-                         f"Received: decide_on={decide_on!r}")
-    if decide_on == "host" and device.type != "cpu":
-        raise ValueError("`decide_on='host'` needs the parameters on CPU. Received: "
-                         f"decide_on='host' with parameters on {device}; use 'auto' or "
-                         "'device'.")
-    return decide_on == "host" or (decide_on == "auto" and device.type == "cpu")
-
-
-def _has_state(inner: torch.optim.Optimizer) -> bool:
-    """Whether every parameter already has its (lazily created) optimizer state."""
-    return all(len(inner.state.get(p, ())) > 0
-               for group in inner.param_groups for p in group["params"])
-
-
-def _first_device(inner: torch.optim.Optimizer) -> torch.device:
-    for group in inner.param_groups:
-        for p in group["params"]:
-            return _batch.local(p).device
-    return torch.device("cpu")
 
 
 __all__ = ["SafeOptimizer"]

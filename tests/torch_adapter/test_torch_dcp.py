@@ -142,7 +142,8 @@ def test_dcp_state_creation_step_is_not_counted(fused: bool, decide_on: str) -> 
 
 
 @pytest.mark.parametrize("case", ["lr 0, gradients", "lr > 0, zero gradients",
-                                  "lr 0, zero gradients, with state"])
+                                  "lr 0, zero gradients, with state",
+                                  "lr 0, zero gradients, a user's first step"])
 def test_other_steps_count(case: str) -> None:
     net = model()
     opt = _wrapped(net)

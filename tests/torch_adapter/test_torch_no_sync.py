@@ -58,19 +58,19 @@ class Guard(TorchDispatchMode):
 
 @contextmanager
 def unguarded_inner(opt: SafeOptimizer) -> Iterator[None]:
-    """Runs the inner optimizer's own step outside the guard."""
+    """Runs the inner optimizer's own step outside the guard (its class, swapped meanwhile)."""
     inner = opt.inner
-    real = inner.step
+    cls = type(inner)
 
-    def step(*args: Any, **kwargs: Any) -> Any:
+    def step(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         with _disable_current_modes():
-            return real(*args, **kwargs)
+            return cls.step(self, *args, **kwargs)
 
-    inner.step = step  # type: ignore[method-assign]
+    inner.__class__ = type(cls.__name__, (cls,), {"step": step})
     try:
         yield
     finally:
-        del inner.step
+        inner.__class__ = cls
 
 
 POLICIES = [*sorted(PRESETS), "per_tensor", "value_l2"]

@@ -74,13 +74,7 @@ def test_the_learning_rate_backs_off_and_comes_back() -> None:
     net, opt = _wrapped(False, "host", max_consecutive_skips=1)
     lrs: list[float] = []
     seen = []
-    real_step = opt.inner.step
-
-    def spy(*args: object, **kwargs: object) -> object:
-        seen.append(opt.inner.param_groups[0]["lr"])
-        return real_step(*args, **kwargs)
-
-    opt.inner.step = spy  # type: ignore[method-assign]
+    opt.inner.register_step_pre_hook(lambda inner, *_: seen.append(inner.param_groups[0]["lr"]))
     for i, batch in enumerate(data[:10]):
         _step(net, opt, batch, nan=i == 2)  # update 2 recovers (back to update 0)
         lrs.append(opt.param_groups[0]["lr"])
