@@ -41,6 +41,21 @@ How it fits together:
   ``max_consecutive_skips`` updates in a row were skipped. When ``update``
   runs un-jitted on concrete arrays it raises right away, at the step that
   reaches the limit.
+* **Recovery** (``recover=True``; :mod:`safeopt_optax._recover`). The last
+  good snapshot (a copy of the parameters, of the inner state and of
+  safeopt's) rides in the state (``SafeState.snapshot``; no leaves without
+  ``recover``), and a restore happens inside the compiled step: the inner
+  state and safeopt's come back from the snapshot and the updates are
+  ``snapshot - params``. Apply them with :func:`apply_updates`
+  (``safeopt_optax.apply_updates(params, updates, state)``), which gives the
+  snapshot's parameters back bit for bit, NaN/Inf weights included;
+  ``optax.apply_updates`` and ``flax.nnx.Optimizer`` can only add the
+  difference, and the next update notices: ``safeopt.stats`` and
+  ``safeopt.check`` warn (``restore_missed_at``), an un-jitted ``update``
+  raises. The learning-rate back-off multiplies the updates. Once the
+  recoveries have run out the update is skipped and the core's sticky flag
+  makes ``safeopt.check(state)`` raise, naming them (an un-jitted ``update``
+  raises at once).
 * **Monitoring.** The per-tensor raw gradient norms come with the global norm
   for free; ``names`` are the ``keystr`` of the leaf paths of the tree given
   to ``init`` (a ``flax.nnx`` Variable's trailing ``.value`` dropped), kept
@@ -66,13 +81,10 @@ parameters; for 3-d parameters optax reduces over axis 0 only.
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 import warnings
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -80,27 +92,22 @@ import optax
 import safeopt
 import safeopt.adapter as sa
 from safeopt import Policy
+from safeopt_optax import _recover
+from safeopt_optax._recover import Snapshot
+from safeopt_optax._select import skip_select
+from safeopt_optax._state import (
+    SafeInfo,
+    SafeState,
+    register_flax_serialization,
+    replicate_like,
+    upgrade_state_dict,
+)
 
 __all__ = ["JaxKernels", "OptaxAdapter", "SafeInfo", "SafeState", "SafeTransformation",
-           "find_state", "safe_transform", "upgrade_state_dict"]
+           "Snapshot", "apply_updates", "find_state", "safe_transform", "skip_select",
+           "upgrade_state_dict"]
 
 _PATH = "jit"
-
-
-@dataclasses.dataclass(frozen=True)
-class SafeInfo:
-    """The static part of a :class:`SafeState`: no leaves, part of the tree definition.
-
-    Attributes:
-      policy: The policy the transformation was built with.
-      names: ``jax.tree_util.keystr`` of each parameter leaf path, in leaf order.
-    """
-
-    policy: Policy
-    names: tuple[str, ...]
-
-
-jax.tree_util.register_static(SafeInfo)
 
 
 class SafeTransformation(optax.GradientTransformationExtraArgs):
@@ -110,20 +117,6 @@ class SafeTransformation(optax.GradientTransformationExtraArgs):
     """
 
     __slots__ = ()
-
-
-class SafeState(NamedTuple):
-    """State of a safeopt-wrapped Optax transformation.
-
-    Attributes:
-      safe: safeopt's state (``safeopt.adapter.State``: one part per feature).
-      inner: The inner transformation's state.
-      info: Policy and parameter names; static (no leaves).
-    """
-
-    safe: sa.State
-    inner: optax.OptState
-    info: SafeInfo
 
 
 class JaxKernels(sa.Kernels):
@@ -165,12 +158,14 @@ def safe_transform(inner: Any, policy: sa.PolicyLike = None,
     kernels = JaxKernels(sa.namespace_by_name("jax"))
 
     def init_fn(params: optax.Params) -> SafeState:
-        _register_flax_serialization()
+        register_flax_serialization()
         paths = jax.tree_util.tree_flatten_with_path(params)[0]
         names = tuple(_leaf_name(path) for path, _ in paths)
         safe = sa.init_state(kernels.xp, resolved, n_tensors=len(names))
-        state = SafeState(safe=safe, inner=tx.init(params), info=SafeInfo(resolved, names))
-        return _replicate_like(state, params)
+        inner_state = tx.init(params)
+        state = SafeState(safe=safe, inner=inner_state, info=SafeInfo(resolved, names),
+                          snapshot=_recover.init(resolved, params, inner_state, safe))
+        return replicate_like(state, params)
 
     def update_fn(updates: optax.Updates, state: SafeState, params: optax.Params | None = None,
                   *, value: Any = None, **extra_args: Any) -> tuple[optax.Updates, SafeState]:
@@ -180,113 +175,31 @@ def safe_transform(inner: Any, policy: sa.PolicyLike = None,
         weights = None if params is None else treedef.flatten_up_to(params)
         loss = None if value is None else jnp.asarray(value)
         out = sa.step(kernels, resolved, state.safe, grads, weights, loss)
+        held, restore, inner = state.snapshot, None, state.inner
+        if isinstance(held, Snapshot):
+            assert weights is not None and out.decision.snapshot is not None
+            held = _recover.take(held, out.decision.snapshot, weights, state.inner, state.safe)
+            restore = _recover.restoring(resolved, out, state.safe)
+            inner = _recover.inner_base(restore, held, state.inner)
         skip = _ordered_skip(out)
         if value is not None:
             extra_args["value"] = value
 
         def apply() -> tuple[optax.Updates, optax.OptState]:
-            return tx.update(treedef.unflatten(out.grads), state.inner, params, **extra_args)
+            return tx.update(treedef.unflatten(out.grads), inner, params, **extra_args)
 
-        new_updates, kept = skip_select(skip, apply, state.inner)
-        new_state = SafeState(safe=out.state, inner=kept, info=state.info)
-        _raise_if_concrete_divergence(resolved, new_state)
+        new_updates, kept = skip_select(skip, apply, inner)
+        safe = out.state
+        if isinstance(held, Snapshot):
+            assert weights is not None and restore is not None
+            leaves, safe, held = _recover.finish(out, restore, held, weights,
+                                                 _flatten(new_updates)[0])
+            new_updates = jax.tree.unflatten(jax.tree.structure(new_updates), leaves)
+        new_state = SafeState(safe=safe, inner=kept, info=state.info, snapshot=held)
+        _raise_if_concrete(resolved, new_state)
         return new_updates, new_state
 
     return SafeTransformation(init_fn, update_fn)
-
-
-def skip_select(skip: jax.Array, apply: Any, old_state: optax.OptState,
-                ) -> tuple[optax.Updates, optax.OptState]:
-    """Runs ``apply()`` (an inner update) so that a skipped update never happened.
-
-    Returns ``(where(skip, 0, updates), where(skip, old_state, new_state))``,
-    bit for bit, but computed so that XLA keeps the update in place.
-
-    Why not just ``jnp.where`` on the results: the inner update computes its
-    updates from its *new* state (Adam's ``mu'``, ``nu'``), and XLA fuses the
-    recomputation of ``mu'`` (from the old ``mu``) into the parameter update.
-    Once the state output is ``where(skip, mu, mu')``, the parameter update still
-    reads the old ``mu`` after the state output has overwritten it in place
-    (the buffers are donated), so XLA inserts a full copy of every moment, and
-    on CPU fresh full-size buffers cost as much as the whole Adam step.
-
-    So the inner update is traced to a jaxpr and evaluated here with every
-    new-state value replaced by its selected value *as soon as it is defined*:
-    the updates are then computed from ``where(skip, mu, mu')``, which is
-    ``mu'`` whenever the updates are used (not skipped), and XLA reads the
-    state output as the bare optimizer does, with no copy.
-
-    Args:
-      skip: bool scalar, skip the update.
-      apply: A zero-argument function returning ``(updates, new_state)``.
-      old_state: The inner state passed to ``apply``.
-    """
-    closed = jax.make_jaxpr(apply, return_shape=True)
-    jaxpr_fn, (upd_shape, state_shape) = closed()
-    upd_def = _flatten(upd_shape)[1]
-    old_leaves, state_def = _flatten(old_state)
-    if _flatten(state_shape)[1] != state_def:
-        raise ValueError(
-            "The inner transformation's update must return a state with the structure of "
-            f"the state it was given. Received: {jax.tree.structure(state_shape)} for "
-            f"{state_def}"
-        )
-    try:
-        new_upd, new_state = _eval_selected(jaxpr_fn, skip, old_leaves, upd_def.num_leaves)
-    except Exception as err:  # JAX internals moved: stay correct, lose the in-place fusion
-        warnings.warn(
-            f"safeopt could not fuse the skip into the inner update ({type(err).__name__}: "
-            f"{err}); falling back to a plain select, which costs one copy of the state.",
-            RuntimeWarning, stacklevel=2)
-        return _plain_select(skip, apply, old_state)
-    return upd_def.unflatten(new_upd), state_def.unflatten(new_state)
-
-
-def _plain_select(skip: jax.Array, apply: Any, old_state: optax.OptState,
-                  ) -> tuple[optax.Updates, optax.OptState]:
-    """``(where(skip, 0, updates), where(skip, old, new))`` without the jaxpr rewrite."""
-    updates, new_state = apply()
-    updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), updates)
-    state = jax.tree.map(lambda o, n: jnp.where(skip, o, n), old_state, new_state)
-    return updates, state
-
-
-def _eval_selected(closed: Any, skip: jax.Array, old: list[Any], n_updates: int,
-                   ) -> tuple[list[Any], list[Any]]:
-    """Evaluates ``closed`` selecting each state output against ``old`` where defined."""
-    jaxpr = closed.jaxpr
-    state_vars = jaxpr.outvars[n_updates:]
-    uses: dict[Any, int] = {}
-    for var in state_vars:
-        if not _is_literal(var):
-            uses[var] = uses.get(var, 0) + 1
-    select_at = {var: i for i, var in enumerate(state_vars)
-                 if not _is_literal(var) and uses[var] == 1}
-    env: dict[Any, Any] = {}
-
-    def read(var: Any) -> Any:
-        return var.val if _is_literal(var) else env[var]
-
-    def write(var: Any, value: Any) -> None:
-        index = select_at.get(var)
-        env[var] = value if index is None else jnp.where(skip, old[index], value)
-
-    for var, value in zip(jaxpr.constvars, closed.consts):
-        write(var, value)
-    for eqn in jaxpr.eqns:
-        params = eqn.primitive.get_bind_params(eqn.params)
-        with eqn.ctx.manager:
-            ans = eqn.primitive.bind(*map(read, eqn.invars), **params)
-        for var, value in zip(eqn.outvars, ans if eqn.primitive.multiple_results else [ans]):
-            write(var, value)
-    updates = [jnp.where(skip, jnp.zeros_like(v), v) for v in map(read, jaxpr.outvars[:n_updates])]
-    state = [read(var) if var in select_at else jnp.where(skip, old[i], read(var))
-             for i, var in enumerate(state_vars)]
-    return updates, state
-
-
-def _is_literal(var: Any) -> bool:
-    return isinstance(var, jax.extend.core.Literal)
 
 
 def _as_transformation(inner: Any) -> optax.GradientTransformation:
@@ -298,35 +211,6 @@ def _as_transformation(inner: Any) -> optax.GradientTransformation:
         "`inner` must be an optax.GradientTransformation or optax.MultiSteps. "
         f"Received: inner={type(inner).__qualname__}"
     )
-
-
-def _replicate_like(state: SafeState, params: Any) -> SafeState:
-    """Puts the single-device leaves of ``state`` replicated on the mesh of ``params``.
-
-    ``update`` leaves scalars such as the step counters replicated over the
-    parameters' devices, while ``init`` creates them on one device (bare
-    Optax's ``count`` too); replicating them here makes the state's
-    shardings after ``init`` and after ``update`` match. Only for concrete
-    parameters with a ``NamedSharding``: under ``jax.jit(tx.init)`` give
-    ``out_shardings`` (JAX places outputs that do not depend on the inputs
-    on one device), or call ``init`` un-jitted.
-    """
-    mesh = None
-    for leaf in jax.tree.leaves(params):
-        sharding = getattr(leaf, "sharding", None)
-        if not isinstance(leaf, jax.core.Tracer) and isinstance(
-                sharding, jax.sharding.NamedSharding):
-            mesh = sharding.mesh
-            break
-    if mesh is None:
-        return state
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def place(x: Any) -> Any:
-        single = isinstance(getattr(x, "sharding", None), jax.sharding.SingleDeviceSharding)
-        return jax.device_put(x, replicated) if single else x
-
-    return jax.tree.map(place, state)
 
 
 def _flatten(tree: Any) -> tuple[list[Any], Any]:
@@ -350,10 +234,11 @@ def _check_state(state: Any) -> None:
 
 
 def _check_params(policy: Policy, params: Any) -> None:
-    if policy.needs_params and params is None:
+    if (policy.needs_params or policy.recover) and params is None:
         raise ValueError(
-            "`params` must be given to update() when the policy uses an L1/L2 penalty or "
-            "norm_scope='unitwise': call tx.update(grads, state, params). Received: params=None"
+            "`params` must be given to update() when the policy uses an L1/L2 penalty, "
+            "norm_scope='unitwise' or recover=True: call tx.update(grads, state, params). "
+            "Received: params=None"
         )
 
 
@@ -371,28 +256,25 @@ def _ordered_skip(out: sa.Step) -> jax.Array:
     return jnp.logical_or(skip, wnorm < 0.0)  # a norm is never < 0 (NaN < 0 is False)
 
 
-def _raise_if_concrete_divergence(policy: Policy, state: SafeState) -> None:
-    """Raises :class:`safeopt.DivergenceError` when ``update`` ran un-jitted."""
+def _raise_if_concrete(policy: Policy, state: SafeState) -> None:
+    """Raises at once when ``update`` ran un-jitted: a divergence, or a missed restore.
+
+    Raises:
+      ValueError: the parameters given to this update were not the snapshot
+        the previous one restored (see :func:`apply_updates`).
+      safeopt.DivergenceError: the run diverged (with no recovery left).
+    """
     streak = state.safe.counters.consecutive_skips
+    if isinstance(streak, jax.core.Tracer):
+        return
+    missed = _recover.missed_restore(state.snapshot)
+    if missed is not None:
+        raise ValueError(_recover.missed_text(missed))
+    rec = state.safe.recovery
     limit = policy.max_consecutive_skips
-    if limit is None or isinstance(streak, jax.core.Tracer):
-        return
-    if int(streak) >= limit:
+    if (limit is not None and int(streak) >= limit) or (
+            not isinstance(rec, sa.Empty) and int(rec.exhausted)):
         safeopt.check(state)
-
-
-_FLAX_REGISTERED = False
-
-
-def _register_flax_serialization() -> None:
-    """Lets ``flax.serialization`` (if the caller imported it) skip :class:`SafeInfo`."""
-    global _FLAX_REGISTERED
-    serialization = sys.modules.get("flax.serialization")
-    if _FLAX_REGISTERED or serialization is None:
-        return
-    serialization.register_serialization_state(
-        SafeInfo, lambda info: {}, lambda info, state_dict: info, override=True)
-    _FLAX_REGISTERED = True
 
 
 def find_state(obj: Any) -> SafeState | None:
@@ -415,6 +297,51 @@ def find_state(obj: Any) -> SafeState | None:
 
 def _is_safe_state(x: Any) -> bool:
     return isinstance(x, SafeState)
+
+
+def apply_updates(params: optax.Params, updates: optax.Updates, state: Any) -> optax.Params:
+    """``optax.apply_updates``, with the snapshot's parameters, bit for bit, on a restore.
+
+    Required with ``recover=True``: a restore returns the updates ``snapshot -
+    params``, which ``optax.apply_updates`` adds in floating point, so the
+    parameters come back only approximately, and a NaN/Inf weight not at all.
+    This function takes the snapshot's parameters instead whenever the update
+    that returned ``state`` restored it (a select: one read of the held
+    parameters, fused into the parameter update). The next update checks that
+    it did (see :mod:`safeopt_optax._recover`). Without ``recover`` it is
+    ``optax.apply_updates``.
+
+    Args:
+      params: The parameters given to ``update``.
+      updates: The updates it returned.
+      state: The state it returned (or a state holding it: ``optax.chain``...).
+
+    Returns:
+      The new parameters.
+
+    Raises:
+      TypeError: ``state`` holds no (or more than one) safeopt state.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, safeopt, safeopt_optax
+      >>> tx = safeopt.wrap(optax.sgd(0.1), {"recover": True, "clip_norm": None})
+      >>> params = {"w": jnp.ones(2)}
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.ones(2)}, state, params)
+      >>> params = safeopt_optax.apply_updates(params, updates, state)
+      >>> [round(float(w), 2) for w in params["w"]]
+      [0.9, 0.9]
+    """
+    found = find_state(state)
+    if found is None:
+        raise TypeError(
+            "`state` must be the state a safeopt-wrapped transformation's update returned "
+            "with these updates (or a state holding one, e.g. optax.chain's). "
+            f"Received: state={type(state).__qualname__}")
+    new_params = optax.apply_updates(params, updates)
+    if not isinstance(found.snapshot, Snapshot):
+        return new_params
+    return _recover.exact(params, new_params, found.snapshot)
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -464,30 +391,9 @@ class OptaxAdapter(sa.Adapter):
                 f"(shape {host.counters.steps.shape}, e.g. from jax.vmap). Read one model with "
                 "jax.tree.map(lambda x: x[i], state). Received: a batched SafeState"
             )
-        extra = {"path": _PATH, "names": list(state.info.names)}
+        extra: dict[str, Any] = {"path": _PATH, "names": list(state.info.names)}
+        missed = _recover.missed_restore(state.snapshot)
+        if missed is not None:
+            extra["restore_missed_at"] = missed
+            warnings.warn(_recover.missed_text(missed), RuntimeWarning, stacklevel=4)
         return state.info.policy, host, extra
-
-
-def upgrade_state_dict(saved: Any, target: SafeState) -> SafeState:
-    """``target`` with the values of a saved state, including one saved by safeopt 0.1.
-
-    Args:
-      saved: The saved :class:`SafeState` as a state dict (what
-        ``flax.serialization.to_state_dict`` or ``msgpack_restore`` gives:
-        ``{"safe": ..., "inner": ..., "info": ...}``).
-      target: ``tx.init(params)`` of the same transformation and parameters.
-
-    Returns:
-      The restored state. safeopt's part is read from either layout; the
-      inner state is restored onto ``target.inner`` with
-      ``flax.serialization.from_state_dict`` (flax must be installed).
-    """
-    from flax import serialization
-
-    safe = dict(saved["safe"])
-    flat = sa.upgrade(safe) if sa.is_legacy(safe) else {
-        f"{feature}.{field}": value for feature, part in safe.items()
-        for field, value in dict(part).items()}
-    restored = sa.unflatten(target.safe, flat, lambda v, cur: jnp.asarray(v, cur.dtype))
-    inner = serialization.from_state_dict(target.inner, saved["inner"])
-    return SafeState(safe=restored, inner=inner, info=target.info)

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import safeopt
+import safeopt_optax
 from safeopt.testing import CASES, check, guarded, snapshot
 
 NAN = float("nan")
@@ -95,6 +96,7 @@ def _run_case(case):
 
     A tensor without a gradient is a leaf masked out of the wrapper
     (``optax.masked(safeopt.wrap(...), mask)``), the Optax way to freeze one.
+    The updates are applied with ``safeopt_optax.apply_updates`` (exact restores).
     """
     names = list(case.names)
     present = [all(u.grads[i] is not None for u in case.updates) for i in range(len(names))]
@@ -118,7 +120,7 @@ def _run_case(case):
 
         error = guarded(step, lambda box=box: box["out"][1])
         updates, state = box["out"]
-        params = optax.apply_updates(params, updates)
+        params = jax.jit(safeopt_optax.apply_updates)(params, updates, state)
         trace.append(snapshot(state, [np.asarray(params[n]) for n in names], error))
     return trace
 
@@ -371,7 +373,7 @@ def test_donated_step_writes_no_copy_of_params_or_moments(policy):
 
 
 def test_skip_select_falls_back_when_jax_internals_change(monkeypatch):
-    import safeopt_optax
+    from safeopt_optax import _select
 
     def broken(*args, **kwargs):
         raise NotImplementedError("new jaxpr format")
@@ -379,7 +381,7 @@ def test_skip_select_falls_back_when_jax_internals_change(monkeypatch):
     bad = {2: NAN}
     seq = [_poison(_grads(i), bad[i]) if i in bad else _grads(i) for i in range(5)]
     want_p, want_s = _run(safeopt.wrap(optax.adamw(0.05)), seq)
-    monkeypatch.setattr(safeopt_optax, "_eval_selected", broken)
+    monkeypatch.setattr(_select, "_eval_selected", broken)
     with pytest.warns(RuntimeWarning, match="falling back to a plain select"):
         got_p, got_s = _run(safeopt.wrap(optax.adamw(0.05)), seq)
     _assert_trees_equal(got_p, want_p)
