@@ -12,10 +12,17 @@ fresh sequences wrong; an addition sequence is wrong when its squared error
 exceeds 0.04) and the median final loss. Only PyTorch is measured: the
 policies are the same math in every framework.
 
+The task ``lm`` is the language-model benchmark of
+:mod:`safeopt_bench.lm_report`: a small pre-LN transformer on the Python
+standard library's source with AdamW at a learning rate where
+``clip_grad_norm_(1.0)`` shows loss spikes; it writes its own table, JSON and
+loss curves (``lm_stability.*``).
+
 Run:
   python -m safeopt_bench.stability            # full (see the run time it prints)
   python -m safeopt_bench.stability --quick    # CI: one length, 2 seeds, few steps
   safeopt bench --stability [--quick]
+  safeopt bench --stability --tasks lm           # only the language model
 """
 
 from __future__ import annotations
@@ -32,16 +39,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-FULL: dict[str, Any] = {"tasks": ("mlp", "rnn", "addition", "temporal_order"),
+TASKS = ("mlp", "rnn", "addition", "temporal_order", "lm")
+"""Every task; ``lm`` is the language model (:mod:`safeopt_bench.lm_report`)."""
+FULL: dict[str, Any] = {"tasks": TASKS,
                         "lengths": (50, 100, 200), "seeds": 5, "steps": 1000}
-QUICK: dict[str, Any] = {"tasks": ("mlp", "addition", "temporal_order"), "lengths": (50,),
+QUICK: dict[str, Any] = {"tasks": ("mlp", "addition", "temporal_order", "lm"), "lengths": (50,),
                          "seeds": 2, "steps": 150}
 
 
 def plan(tasks: Sequence[str], lengths: Sequence[int]) -> list[tuple[str, int]]:
-    """``(task, length)`` pairs; the demo's tasks have a fixed length."""
+    """``(task, length)`` pairs; the demo's tasks have a fixed length (``lm`` runs apart)."""
     out: list[tuple[str, int]] = []
     for task in tasks:
+        if task == "lm":
+            continue
         if task in ("mlp", "rnn"):
             out.append((task, 0))
         else:
@@ -123,9 +134,10 @@ def header(settings: dict[str, Any], seconds: float, command: str) -> str:
     from safeopt_bench import tasks_torch
 
     env = tasks_torch.environment()
+    tasks = [t for t in settings["tasks"] if t != "lm"]
     return (f"Measured {_dt.date.today().isoformat()} on {platform.machine()} "
             f"({platform.processor() or platform.platform()}), torch {env['torch']}, "
-            f"{env['threads']}, with `{command}`: tasks {list(settings['tasks'])}, lengths "
+            f"{env['threads']}, with `{command}`: tasks {tasks}, lengths "
             f"{list(settings['lengths'])}, {settings['seeds']} seeds, {settings['steps']} SGD "
             f"steps per run, hyper-parameters {tasks_torch.HYPER} (the MLP: lr 0.03, momentum "
             f"0.9, batch 64). Run time {seconds / 60:.1f} min.")
@@ -156,24 +168,42 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         settings["steps"] = args.steps
     if getattr(args, "lengths", None):
         settings["lengths"] = tuple(args.lengths)
+    if getattr(args, "tasks", None):
+        unknown = [t for t in args.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"`tasks` must be among {list(TASKS)}. Received: tasks={unknown}")
+        settings["tasks"] = tuple(args.tasks)
     return settings
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """What ``safeopt bench --stability`` runs."""
+    """What ``safeopt bench --stability`` runs: the recurrent tasks, then the language model."""
     settings = settings_from(args)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = out_dir / "stability_runs.jsonl"
-    log.unlink(missing_ok=True)
     command = "safeopt bench --stability" + (" --quick" if args.quick else "")
-    start = time.perf_counter()
-    table = rows(settings["tasks"], settings["lengths"], settings["seeds"], settings["steps"],
-                 log=log)
-    seconds = time.perf_counter() - start
-    md, js = write(out_dir, table, settings, seconds, command)
-    print(md.read_text(encoding="utf-8"))
-    print(f"wrote {md}, {js} and {log}")
+    if getattr(args, "tasks", None):
+        command += " --tasks " + " ".join(settings["tasks"])
+    written: list[Path] = []
+    if plan(settings["tasks"], settings["lengths"]):
+        log = out_dir / "stability_runs.jsonl"
+        log.unlink(missing_ok=True)
+        start = time.perf_counter()
+        table = rows(settings["tasks"], settings["lengths"], settings["seeds"],
+                     settings["steps"], log=log)
+        seconds = time.perf_counter() - start
+        md, js = write(out_dir, table, settings, seconds, command)
+        print(md.read_text(encoding="utf-8"))
+        written += [md, js, log]
+    if "lm" in settings["tasks"]:
+        from safeopt_bench import lm_report
+
+        md, js, png = lm_report.run(out_dir, command, quick=args.quick,
+                                    seeds=getattr(args, "seeds", None),
+                                    steps=getattr(args, "steps", None))
+        print(md.read_text(encoding="utf-8"))
+        written += [md, js, *([png] if png else [])]
+    print("wrote " + ", ".join(map(str, written)))
     return 0
 
 
@@ -185,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
     return run_cli(parser.parse_args(argv))
 
 
