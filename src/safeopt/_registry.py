@@ -112,6 +112,19 @@ def active_adapters(obj: Any = None) -> list[Adapter]:
     return adapters
 
 
+def load_imported() -> None:
+    """Loads the adapters of the frameworks imported before safeopt (run by ``import safeopt``).
+
+    A framework may need its adapter before safeopt is called: Keras finds
+    safeopt's optimizer class in ``keras.models.load_model`` only once the
+    adapter has registered it. An adapter whose module is already imported
+    (or being imported) is left alone.
+    """
+    for ep in _entry_points():
+        if _framework_root(ep) in sys.modules and ep.module.split(".")[0] not in sys.modules:
+            _load(ep)
+
+
 def adapter_for_framework(name: str) -> Adapter | None:
     """The adapter registered under the framework ``name`` (imported by the caller)."""
     for ep in _entry_points():
