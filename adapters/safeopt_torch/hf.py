@@ -97,7 +97,8 @@ class SafeoptCallback(TrainerCallback):
     * **The LR scheduler does not advance on a skipped step** (with
       ``skip_aware_scheduler``): after a skipped step, Trainer's next call to
       ``lr_scheduler.step()`` does nothing. Knowing whether the step was
-      skipped is free on CPU, and one read of the device per step elsewhere.
+      skipped is free on CPU, and one read of the device per step elsewhere
+      (none with a policy that never skips).
     * **Skips and clips are logged**: every training log (the ones with
       ``loss``) gets safeopt's counters, ``safeopt/skips``,
       ``safeopt/norm_clips``... (see :data:`LOGGED`), in ``logs`` and in
@@ -178,7 +179,7 @@ class SafeoptCallback(TrainerCallback):
         """After a skipped step, makes the scheduler's next ``step()`` a no-op."""
         safe = self._optimizer
         if (self.skip_aware_scheduler and safe is not None and lr_scheduler is not None
-                and safe.last_step_skipped):
+                and _can_skip(safe.policy) and safe.last_step_skipped):
             lr_scheduler.step = _Unchanged(lr_scheduler)
             self._scheduler = lr_scheduler
 
@@ -235,6 +236,11 @@ class SafeoptCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+
+def _can_skip(policy: Policy) -> bool:
+    """Whether the policy can skip a step at all (else nothing is read from the device)."""
+    return policy.skip_nonfinite or policy.spike_skip is not None
 
 
 class _Unchanged:

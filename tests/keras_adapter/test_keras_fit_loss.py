@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from importlib import metadata
 from typing import Any
 
 import numpy as np
@@ -95,6 +96,9 @@ def _load(path: Any, imports: str) -> subprocess.CompletedProcess:
 
 
 def test_a_saved_model_loads_in_a_fresh_process(tmp_path: Any) -> None:
+    preload = {ep.name: ep.value for ep in metadata.entry_points(group="safeopt.preload")}
+    assert preload.get("keras") == "safeopt_keras", (
+        "safeopt's installed metadata lacks its `safeopt.preload` entry point: reinstall it")
     model = _model()
     model.compile(optimizer=safeopt.wrap(keras.optimizers.Adam(1e-3), {"clip_norm": 0.5}),
                   loss="mse")

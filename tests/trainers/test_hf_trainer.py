@@ -187,3 +187,16 @@ def test_a_model_without_loss_in_its_outputs_warns_or_refuses_spike_skip(
         else:
             with pytest.raises(ValueError, match="spike_skip='loss'` needs it"):
                 trainer.train()
+
+
+def test_a_policy_that_never_skips_reads_no_skip_flag(tmp_path: Any, monkeypatch: Any) -> None:
+    from safeopt_torch import SafeOptimizer
+
+    def unread(self: Any) -> bool:
+        raise AssertionError("last_step_skipped read for a policy that cannot skip")
+
+    monkeypatch.setattr(SafeOptimizer, "last_step_skipped", property(unread))
+    trainer = _trainer(tmp_path, {"skip_nonfinite": False}, callbacks=[SafeoptCallback()],
+                       max_steps=2)
+    trainer.train()
+    assert safeopt.stats(trainer.optimizer)["steps"] == 2
