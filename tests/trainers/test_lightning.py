@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from importlib import metadata
 from typing import Any
@@ -57,9 +58,10 @@ STALE = "safeopt's installed metadata lacks its Lightning entry points: reinstal
 
 
 def _fit(module: Any, callbacks: Any = (), **kwargs: Any) -> Any:
-    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", callbacks=list(callbacks), **kwargs)
+    options = {"max_steps": 3, "logger": False, "enable_checkpointing": False,
+               "enable_progress_bar": False, "enable_model_summary": False,
+               "accelerator": "cpu", **kwargs}
+    trainer = L.Trainer(callbacks=list(callbacks), **options)
     trainer.fit(module, _loader())
     return trainer
 
@@ -73,6 +75,26 @@ def test_the_closures_loss_reaches_the_policy() -> None:
         assert math.isfinite(stats["last_loss"])
         assert stats["last_loss"] == pytest.approx(module.losses[-1])
     assert type(module.wrapper).__name__ == "LightningSafeOptimizer"
+
+
+def test_with_gradient_accumulation_the_policy_gets_lightnings_closure_loss() -> None:
+    module = _Module()
+    trainer = _fit(module, accumulate_grad_batches=2, max_steps=2)
+    stats = safeopt.stats(trainer.optimizers[0])
+    assert stats["steps"] == 2 and len(module.losses) == 4
+    # The last micro-batch's loss divided by 2, as Lightning's closure returns it.
+    assert stats["last_loss"] == pytest.approx(module.losses[-1] / 2)
+
+
+def test_the_callback_subclasses_the_lightning_package_already_imported(
+        monkeypatch: Any) -> None:
+    import pytorch_lightning
+
+    from safeopt_torch import lightning as adapter
+
+    assert adapter._callback_base() is L.Callback
+    monkeypatch.delitem(sys.modules, "lightning")
+    assert adapter._callback_base() is pytorch_lightning.Callback
 
 
 @pytest.mark.parametrize(("algorithm", "policy", "remedy"), [
