@@ -38,6 +38,7 @@ from keras.src.utils import tracking
 import safeopt
 import safeopt.adapter as sa
 from safeopt import Policy
+from safeopt_keras import _loss
 
 #: Marks the variable layout of this version in a saved optimizer (0.1 had none).
 _LAYOUT_KEY, _LAYOUT = "safeopt_layout", 2
@@ -178,6 +179,16 @@ class SafeOptimizer(keras.optimizers.Optimizer):
     def finalize_variable_values(self, var_list: Sequence[Any]) -> None:
         self.inner_optimizer.finalize_variable_values(var_list)
 
+    def scale_loss(self, loss: Any) -> Any:
+        """Scales the loss (``loss_scale_factor``) and keeps it for the coming step.
+
+        Keras 3's trainers call this with the loss on every training step,
+        before taking the gradients, on every backend; the step that follows
+        hands it to the policy when it is not given one (see
+        :mod:`safeopt_keras._loss`).
+        """
+        return super().scale_loss(_loss.put(self, loss))
+
     # -- the protected step: shared part -----------------------------------------
     def _aligned(self, grads: Sequence[Any], variables: Sequence[Any]) -> list[Any]:
         """Gradients in the order the optimizer was built with (``None`` where absent)."""
@@ -218,8 +229,13 @@ class SafeOptimizer(keras.optimizers.Optimizer):
     # -- stateful apply (TensorFlow, torch, eager JAX) ---------------------------
     def apply(self, grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None,
               *, loss: Any = None) -> None:
-        """Applies ``grads`` under the policy (``loss``: this step's loss, optional)."""
+        """Applies ``grads`` under the policy.
+
+        ``loss`` is this step's loss; when it is not given, the loss last handed
+        to :meth:`scale_loss` is used (that is how ``model.fit`` passes it).
+        """
         grads = list(grads)
+        loss = _loss.take(self) if loss is None else loss
         if not grads:
             return
         if trainable_variables is None:
@@ -319,7 +335,11 @@ class SafeOptimizer(keras.optimizers.Optimizer):
     def stateless_apply(self, optimizer_variables: Sequence[Any], grads: Sequence[Any],
                         trainable_variables: Sequence[Any], *, loss: Any = None,
                         ) -> tuple[list[Any], list[Any]]:
-        """The functional step the JAX trainer calls (skips with ``ops.cond``)."""
+        """The functional step the JAX trainer calls (skips with ``ops.cond``).
+
+        Without ``loss``, the loss last handed to :meth:`scale_loss` is used.
+        """
+        loss = _loss.take(self) if loss is None else loss
         if not self.built:
             raise ValueError(
                 f"To call `stateless_apply`, {type(self).__name__} must be built (i.e. its "

@@ -22,6 +22,7 @@ from safeopt._diagnose import diagnose
 from safeopt._errors import AdapterError, DivergenceError, PolicyError
 from safeopt._policy import Policy, load_policy
 from safeopt._record import after_step
+from safeopt._registry import preload as _preload
 from safeopt._registry import wrap
 from safeopt._summary import check, stats
 from safeopt.telemetry import add_sink
@@ -43,3 +44,7 @@ __all__ = [
     "stats",
     "wrap",
 ]
+
+# Adapters of frameworks imported before safeopt register what those frameworks
+# look up by themselves (Keras: the optimizer class ``load_model`` needs).
+_preload()

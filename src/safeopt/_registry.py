@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import importlib
 import inspect
 import sys
 import warnings
@@ -25,6 +26,9 @@ from safeopt._policy import Policy, PolicyLike, load_policy
 from safeopt._state import State
 
 GROUP = "safeopt.adapters"
+#: Modules ``import safeopt`` imports when their framework (the entry point's name)
+#: is already imported: see :func:`preload`.
+PRELOAD = "safeopt.preload"
 
 #: Attributes through which trainers' optimizer wrappers reach the optimizer they
 #: wrap (accelerate's ``AcceleratedOptimizer.optimizer``, Lightning's
@@ -70,8 +74,18 @@ class Adapter(abc.ABC):
 
 
 @functools.lru_cache(maxsize=1)
+def _installed() -> Any:
+    """Every entry point installed (one scan, for both groups; ``SelectableGroups`` < 3.12)."""
+    return metadata.entry_points()
+
+
+@functools.cache
+def _group(group: str) -> tuple[metadata.EntryPoint, ...]:
+    return tuple(_installed().select(group=group))
+
+
 def _entry_points() -> tuple[metadata.EntryPoint, ...]:
-    return tuple(metadata.entry_points(group=GROUP))
+    return _group(GROUP)
 
 
 _LOADED: dict[str, Adapter | None] = {}
@@ -110,6 +124,26 @@ def active_adapters(obj: Any = None) -> list[Adapter]:
             if adapter is not None:
                 adapters.append(adapter)
     return adapters
+
+
+def preload() -> None:
+    """Imports the ``safeopt.preload`` modules of the frameworks imported before safeopt.
+
+    Run by ``import safeopt``. A framework may look up an adapter's classes by
+    itself, before safeopt is called: Keras finds safeopt's optimizer class in
+    ``keras.models.load_model`` only once its adapter has registered it. An
+    adapter lists such modules under the entry-point group ``safeopt.preload``,
+    named after the framework; the others load on first use. A module already
+    imported (or being imported) is left alone; one that fails to import
+    becomes a warning.
+    """
+    for ep in _group(PRELOAD):
+        if _framework_root(ep) in sys.modules and ep.value.split(".")[0] not in sys.modules:
+            try:
+                importlib.import_module(ep.value)
+            except Exception as err:  # a broken plug-in must not break `import safeopt`
+                warnings.warn(f"safeopt could not preload {ep.value!r} for {ep.name!r}: "
+                              f"{type(err).__name__}: {err}", RuntimeWarning, stacklevel=3)
 
 
 def adapter_for_framework(name: str) -> Adapter | None:

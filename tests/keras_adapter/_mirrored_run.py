@@ -91,6 +91,8 @@ def main() -> None:
         "native_mirror_vs_single": _max_diff(w_native_mirror, w_single),
         "norm_clips_mirror": s_mirror["norm_clips"],
         "norm_clips_single": s_single["norm_clips"],
+        "last_loss_mirror": s_mirror["last_loss"],
+        "last_loss_single": s_single["last_loss"],
         "replicas_equal": same_clip + same_bad,
         "nan_vs_left_out": _max_diff(w_bad, w_left_out),
         "nan_finite": all(bool(np.isfinite(w).all()) for w in w_bad),

@@ -35,6 +35,8 @@ def test_decisions_are_taken_on_the_all_reduced_gradients(mirrored: dict) -> Non
     assert mirrored["safe_mirror_vs_single"] < 1e-6
     # ... whereas Keras's own global_clipnorm clips each replica's gradients before the sum.
     assert mirrored["native_mirror_vs_single"] > 1e-3
+    # The loss fit hands over (through scale_loss) is each replica's share: summed, the mean.
+    assert mirrored["last_loss_mirror"] == pytest.approx(mirrored["last_loss_single"], rel=1e-5)
 
 
 def test_nan_in_one_replica_skips_everywhere(mirrored: dict) -> None:
