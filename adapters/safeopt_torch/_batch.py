@@ -4,6 +4,25 @@
 FSDP2's and tensor parallelism's, with the reduction of each tensor's
 statistics over the ranks that hold its shards) into a :class:`Batch`,
 which :class:`safeopt_torch._kernels.TorchKernels` reads.
+
+Distributed: under DDP the gradients are already averaged, so every rank
+takes the same decision (a NaN on one rank reaches all of them through the
+all-reduce). Under FSDP2 (``fully_shard``, DTensor parameters), alone or
+with tensor parallelism on a 2-D mesh, each tensor's squared norm on the
+local shard is summed over the process groups of the mesh dimensions that
+tensor is split on (FSDP2's ``Shard`` and ``_StridedShard``, tensor
+parallelism's ``Shard``), and over none it is replicated on: one
+all-reduce of a small vector per group (a max all-reduce for
+``clip_value``), so the global norm, the skip flag and the clip scale are
+the whole model's on every rank. Under pipeline parallelism each stage's
+optimizer holds its stage's parameters: declare the group that joins the
+stages (:attr:`safeopt_torch.SafeOptimizer.pipeline_group`) and every step combines the
+stages' statistics over it, as torchtitan's ``clip_grad_norm_`` reduces the
+norm over ``pp_mesh``. A gradient whose layout differs from its
+parameter's, or with a ``Partial`` placement, is refused. Known limit:
+``norm_scope="unitwise"`` computes unit norms on the local shards, so a
+tensor split along another dimension than its first (a sharded bias, a
+row-wise tensor-parallel weight) is clipped shard by shard.
 """
 
 from __future__ import annotations

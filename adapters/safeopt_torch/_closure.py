@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 import safeopt.adapter as sa
 from safeopt_torch import _batch
 from safeopt_torch._kernels import TorchKernels
+from safeopt_torch._paths import host_value
 from safeopt_torch._runner import Runner
 
 
@@ -112,10 +112,10 @@ def reapply(run: Runner, state: sa.State, loss: Any,
     xp = run.xp
     k = TorchKernels(sa.namespace_by_name("torch"), batch, run.device, None, run.cache)
     grads, stats = sa.gather(k, policy, state, batch.grads, batch.local_params,
-                             _as_loss(loss, run.device), positions=batch.index,
+                             run.as_loss(loss), positions=batch.index,
                              n_tensors=run.n_tensors, due=False)
     if run.on_host:
-        stats = sa.GradStats(*(_host(v) for v in stats))
+        stats = sa.GradStats(*(host_value(v) for v in stats))
     finite = True
     if check:
         flag = xp.isfinite(stats.raw_norm)
@@ -143,19 +143,3 @@ def abandon(run: Runner, before: sa.State, stats: sa.GradStats) -> tuple[int, in
         _, run.state = sa.decide(run.xp, run.policy, before, stats)
     counters = run.state.counters
     return int(counters.consecutive_skips), int(counters.streak_nonfinite)
-
-
-def _as_loss(loss: Any, device: torch.device) -> Tensor | None:
-    if loss is None:
-        return None
-    if isinstance(loss, Tensor):
-        return loss.detach().to(device, torch.float32).reshape(())
-    return torch.full((), float(loss), dtype=torch.float32, device=device)
-
-
-def _host(value: Any) -> Any:
-    """A CPU tensor as host data: a NumPy scalar for 0-d, else an ndarray view."""
-    if not isinstance(value, Tensor):
-        return value
-    array = value.detach().numpy()
-    return array[()] if array.ndim == 0 else array

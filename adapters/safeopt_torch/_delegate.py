@@ -9,6 +9,8 @@
   does, with the inner optimizer's own step hooks and profiler range, but
   without the global hooks (``register_optimizer_step_pre_hook``): the
   wrapper's own ``step`` fires those, once per wrapped step;
+* :func:`kernel_inputs`, :func:`raw_step`: the fused kernel's inputs set on
+  it, and its step without wrappers (traced under ``torch.compile``);
 * :func:`snapshot` / :func:`restore`: parameters and per-parameter state
   copied and put back, so that a step abandoned half-way (a closure
   re-evaluation that went non-finite) never happened.
@@ -16,9 +18,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -126,6 +129,48 @@ def run_step(inner: torch.optim.Optimizer, closure: Callable[[], Any] | None = N
         for post_hook in inner._optimizer_step_post_hooks.values():
             post_hook(inner, args, kwargs)
     return out
+
+
+@contextlib.contextmanager
+def kernel_inputs(inner: torch.optim.Optimizer, grad_scale: Tensor | None,
+                  found_inf: Tensor | None) -> Iterator[None]:
+    """Sets ``inner.grad_scale`` / ``inner.found_inf`` (when given) meanwhile.
+
+    The fused optimizers read them as ``GradScaler`` sets them.
+    """
+    if grad_scale is not None:
+        inner.grad_scale = grad_scale  # type: ignore[attr-defined]
+    if found_inf is not None:
+        inner.found_inf = found_inf  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        inner.__dict__.pop("grad_scale", None)
+        inner.__dict__.pop("found_inf", None)
+
+
+def raw_step(inner: torch.optim.Optimizer, grad_scale: Tensor | None,
+             found_inf: Tensor | None) -> None:
+    """The inner step without its hook and ``no_grad`` wrappers (they break graphs)."""
+    raw = inspect.unwrap(type(inner).step)
+    if grad_scale is not None:
+        inner.grad_scale = grad_scale  # type: ignore[attr-defined]
+    if found_inf is not None:
+        inner.found_inf = found_inf  # type: ignore[attr-defined]
+    raw(inner)
+    inner.__dict__.pop("grad_scale", None)
+    inner.__dict__.pop("found_inf", None)
+
+
+def param_names(inner: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in tensor order: ``param_names`` when given, else ``param{i}``."""
+    names: list[str] = []
+    for group in inner.param_groups:
+        given = group.get("param_names")
+        for i, _ in enumerate(group["params"]):
+            position = len(names)
+            names.append(given[i] if given and i < len(given) else f"param{position}")
+    return names
 
 
 @dataclasses.dataclass

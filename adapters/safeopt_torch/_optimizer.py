@@ -1,110 +1,48 @@
 """``SafeOptimizer``: a ``torch.optim.Optimizer`` that protects another one.
 
-Every step runs the core's pipeline (gather, decide, apply; see
-:mod:`safeopt_torch._runner`) with torch's foreach kernels and applies the
-decision on one of two paths, reported by ``safeopt.stats(opt)["path"]``:
-
-``"fused"``
-  The inner optimizer has a fused kernel that reads ``grad_scale`` and
-  ``found_inf`` (``Adam``, ``AdamW`` and ``SGD`` with ``fused=True``;
-  ``Adagrad`` with ``fused=True`` on CPU). The norm-clip scale goes in as
-  ``grad_scale`` (``1 / scale``, the kernel divides by it) and the skip flag as
-  ``found_inf`` (exactly 0.0 or 1.0; the kernel then leaves parameters and
-  moments alone and rolls its step counter back), the way
-  ``torch.amp.GradScaler`` drives these kernels. The protected step reads the
-  gradients once more than a bare step (the foreach norm) and never waits for
-  the device. The divergence guard copies the skip streak to pinned host
-  memory every step without blocking and reads the copy made
-  :data:`~safeopt_torch._watch.LAG` (2) steps earlier, so on an accelerator
-  :class:`safeopt.DivergenceError` comes exactly two steps after the step
-  that reached ``max_consecutive_skips``, on every rank alike (on CPU at
-  once); see :mod:`safeopt_torch._watch`. While the
-  inner optimizer has not created its state yet (its first step), the step
-  takes the ``"foreach"`` path once, because a kernel-level skip cannot undo
-  lazily created state (e.g. fused SGD's first momentum buffer); an inner
-  optimizer that already holds state for every parameter (loaded from a
-  checkpoint, or ``Adagrad``) starts on the fused path.
-
-``"foreach"``
-  Any other optimizer. Statistics are the same foreach kernels; the skip
-  flag, ``consecutive_skips`` and the clip flag are read in one host transfer
-  (one synchronisation per step), the gradients are scaled with
-  ``torch._foreach_mul_`` and the inner ``step`` is not called at all on a
-  skipped step.
-
-A policy that can never skip (``skip_nonfinite=False``, no ``spike_skip``)
-reads nothing from the device on either path.
-
-Where the decision is taken is a separate matter, reported by
-``safeopt.stats(opt)["decisions"]``:
-
-``"device"`` (accelerators)
-  ``safeopt.decide`` runs with the torch namespace on the device, and the
-  paths above hand its outputs to the kernels as tensors.
-
-``"host"`` (CPU, the default there)
-  On CPU the device is the host: there is no synchronisation to avoid, and
-  what costs is the work itself. The statistics are still computed by torch
-  kernels (the same values as on the device path), then the decision runs in
-  the core's ``"host"`` namespace (NumPy scalars, a few microseconds per
-  operation instead of a torch dispatch each), safeopt's state stays in
-  host memory, and the decision is applied by plain branching: a skipped step
-  calls no kernel at all, and a fused kernel is handed ``grad_scale`` only on
-  the steps that clip. That matters because torch's CPU fused kernels divide
-  every gradient by ``grad_scale`` and write it back whenever it is given
-  (about 0.15x of a fused AdamW step on a two-core machine, whether the scale
-  is 1 or not). Parameters, moments and safeopt's state come out
-  bit-identical to the ``"device"`` path (a test checks it);
-  ``SafeOptimizer(inner, policy, decide_on="device")`` forces the device
-  path on CPU.
+Every step runs the core's pipeline (gather, decide, apply) with torch's
+foreach kernels (:mod:`safeopt_torch._runner`) and applies the decision on
+the ``"fused"`` path (an inner ``Adam``, ``AdamW`` or ``SGD`` with
+``fused=True``, ``Adagrad`` with ``fused=True`` on CPU: the kernel gets the
+clip scale as ``grad_scale`` and the skip flag as ``found_inf``, and the
+step never waits for the device) or the ``"foreach"`` path (any other
+optimizer: one host read per step, and a skipped step does not call the
+inner ``step``), reported by ``safeopt.stats(opt)["path"]``. The decision is
+taken on the host on CPU (``"host"``: NumPy scalars, applied by branching)
+and on the device elsewhere (``"device"``), reported by
+``safeopt.stats(opt)["decisions"]``; ``SafeOptimizer(inner, policy,
+decide_on="device")`` forces the device on CPU. A policy that can never skip
+(``skip_nonfinite=False``, no ``spike_skip``) reads nothing from the device
+on either path. :mod:`safeopt_torch._paths` describes the paths, the
+divergence guard's lagged read (:mod:`safeopt_torch._watch`) and the inner
+optimizer's first step (on the ``"foreach"`` path, since a kernel-level skip
+cannot undo lazily created state).
 
 Under ``torch.compile`` the protected step traces whole (``fullgraph=True``)
 with device decisions (``decide_on="device"``, the default on an
 accelerator): no host read, no graph break; see
-:meth:`safeopt_torch._runner.Runner.compiled_step`. The inner optimizer
-must hold its state before the first compiled step (it creates it lazily:
-take one eager step, or load a checkpoint). Telemetry and the
-divergence check need the host: in a compiled loop call
-``safeopt.after_step(opt, step)`` / ``safeopt.check(opt)`` every few steps,
-outside the compiled function, as in a jitted JAX loop.
+:mod:`safeopt_torch._compiled`. The inner optimizer must hold its state
+before the first compiled step (it creates it lazily: take one eager step,
+or load a checkpoint). Telemetry and the divergence check need the host: in
+a compiled loop call ``safeopt.after_step(opt, step)`` / ``safeopt.check(opt)``
+every few steps, outside the compiled function, as in a jitted JAX loop.
 
-With ``torch.amp.GradScaler``: on the fused path the wrapper declares
-``_step_supports_amp_scaling`` like the fused optimizers do, so the scaler
-hands it ``grad_scale`` / ``found_inf``; safeopt divides its statistics by
-the loss scale (so decisions are taken on unscaled gradients), multiplies the
-loss scale into the kernel's ``grad_scale``, and an AMP overflow skips the
-step without touching safeopt's state (it is the scaler's business, not
-counted as a safeopt skip). On the ``"foreach"`` path the scaler unscales the
-gradients itself and does not call ``step`` on an overflow (its own
-``.item()`` comes on top of safeopt's one synchronisation).
+With ``torch.amp.GradScaler`` decisions are taken on unscaled gradients,
+and an AMP overflow skips the step without touching safeopt's state (the
+scaler's business, not a safeopt skip); see :mod:`safeopt_torch._paths`.
 
-Distributed: under DDP the gradients are already averaged, so every rank
-takes the same decision (a NaN on one rank reaches all of them through the
-all-reduce). Under FSDP2 (``fully_shard``, DTensor parameters), alone or
-with tensor parallelism on a 2-D mesh, each tensor's squared norm on the
-local shard is summed over the process groups of the mesh dimensions that
-tensor is split on (FSDP2's ``Shard`` and ``_StridedShard``, tensor
-parallelism's ``Shard``), and over none it is replicated on: one
-all-reduce of a small vector per group (a max all-reduce for
-``clip_value``), so the global norm, the skip flag and the clip scale are
-the whole model's on every rank. Under pipeline parallelism each stage's
-optimizer holds its stage's parameters: declare the group that joins the
-stages (:attr:`SafeOptimizer.pipeline_group`) and every step combines the
-stages' statistics over it, as torchtitan's ``clip_grad_norm_`` reduces the
-norm over ``pp_mesh``. A gradient whose layout differs from its
-parameter's, or with a ``Partial`` placement, is refused. Known limit:
-``norm_scope="unitwise"`` computes unit norms on the local shards, so a
-tensor split along another dimension than its first (a sharded bias, a
-row-wise tensor-parallel weight) is clipped shard by shard.
+Distributed: under DDP every rank takes the same decision on the averaged
+gradients; under FSDP2 (alone or with tensor parallelism) each tensor's
+statistics are reduced over the ranks that hold its shards, and under
+pipeline parallelism over the stages (:attr:`SafeOptimizer.pipeline_group`),
+so the global norm, the skip flag and the clip scale are the whole model's
+on every rank (:mod:`safeopt_torch._batch`).
 
 Checkpoints: :meth:`~SafeOptimizer.state_dict` puts safeopt's state in
 every entry of ``param_groups``, where ``torch.distributed.checkpoint``
-(``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, ``dcp.save``
-/ ``dcp.load``) keeps it; the zero-gradient step at learning rate 0 with
-which DCP creates a new optimizer's state is handed to the inner optimizer
-and not counted (see :mod:`safeopt_torch._checkpoint`). safeopt's state is
-the same on every rank (DCP saves one copy) when the ``loss`` given to
-``step`` is too: pass the mean over the ranks.
+keeps it (:mod:`safeopt_torch._checkpoint`). safeopt's state is the same on
+every rank (DCP saves one copy) when the ``loss`` given to ``step`` is too:
+pass the mean over the ranks.
 
 Like ``clip_grad_norm_``, the wrapper leaves the clipped gradients in
 ``.grad`` (the fused kernels write back the gradient they divided by
@@ -112,21 +50,15 @@ Like ``clip_grad_norm_``, the wrapper leaves the clipped gradients in
 measured by their modulus (see :mod:`safeopt_torch._kernels`).
 
 ``opt.step(closure)`` evaluates the closure once and decides on its
-gradients like any step; the inner optimizer gets a replay whose first call
-returns that loss, so an optimizer that evaluates its closure once sees what
-a bare one would. ``LBFGS`` (or any optimizer that evaluates it again)
-then gets the policy applied to the gradients of each evaluation, as if it
-ran inside the closure, with this step's thresholds (safeopt's state
-advances once per step). A non-finite first evaluation skips the step; a
-non-finite later one abandons it: parameters and the inner state are put
-back, and it counts as a skip (:mod:`safeopt_torch._closure`).
+gradients like any step; an inner optimizer that evaluates it again
+(``LBFGS``) gets the policy applied to each evaluation, and a non-finite
+later one abandons the step (:mod:`safeopt_torch._closure`).
 
 The wrapper's ``step`` fires the global step hooks
 (``register_optimizer_step_pre_hook``) and its own, once; the inner step runs
 with the inner optimizer's own hooks, not the global ones again. A
 ``copy.deepcopy`` or a pickle carries what ``Optimizer.__getstate__`` does
-(the inner optimizer and safeopt's state; no hooks, and nothing an LR
-scheduler patched onto the instance), so a copy steps its own parameters.
+(see :mod:`safeopt_torch._persist`), so a copy steps its own parameters.
 
 References:
   Pascanu, Mikolov & Bengio (2013), On the difficulty of training recurrent
@@ -137,9 +69,6 @@ References:
 
 from __future__ import annotations
 
-import copy
-import inspect
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -148,17 +77,10 @@ from torch import Tensor
 
 import safeopt.adapter as sa
 from safeopt import Policy
-from safeopt_torch import _checkpoint, _delegate, _stages
+from safeopt_torch import _checkpoint, _delegate, _persist, _stages
 from safeopt_torch._closure import Abort, Replay, abandon
-from safeopt_torch._runner import Runner, _can_skip
-from safeopt_torch._watch import StreakWatch
-
-_HOOK_TABLES = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
-                "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
-                "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
-
-#: What a copy or a pickle of the wrapper carries (see ``__getstate__``).
-_PICKLED = ("_inner", "_run", "_fused", "_inner_ready", "_host_step", "_pending_loss")
+from safeopt_torch._paths import can_skip
+from safeopt_torch._runner import Runner
 
 
 class SafeOptimizer(torch.optim.Optimizer):
@@ -196,8 +118,7 @@ class SafeOptimizer(torch.optim.Optimizer):
         # Optimizer.__init__ would build param groups of its own: the state is
         # the inner optimizer's, so only the hook tables are set up here.
         self._inner = inner
-        for name in _HOOK_TABLES:
-            setattr(self, name, OrderedDict())
+        _persist.init_hooks(self)
         self._patch_step_function()
         self._fused = _delegate.fused_capable(inner)
         self._inner_ready = _delegate.has_state(inner)
@@ -306,20 +227,11 @@ class SafeOptimizer(torch.optim.Optimizer):
                 f"policy={self.policy!r},\n{self._inner!r})")
 
     def __getstate__(self) -> dict[str, Any]:
-        """The inner optimizer and safeopt's state; hooks and an LR scheduler's patch stay."""
-        state = {name: self.__dict__[name] for name in _PICKLED}
-        run = copy.copy(self._run)
-        run.watch = StreakWatch(run.watch.lag)  # pending device reads stay with the original
-        state["_run"] = run
-        return state
+        """The inner optimizer and safeopt's state (see :mod:`safeopt_torch._persist`)."""
+        return _persist.getstate(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.__dict__.setdefault("_pending_loss", None)
-        self._run.owner = self
-        for name in _HOOK_TABLES:
-            self.__dict__.setdefault(name, OrderedDict())
-        self._patch_step_function()
+        _persist.setstate(self, state)
 
     # -- optimizer API ----------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -345,16 +257,7 @@ class SafeOptimizer(torch.optim.Optimizer):
         the wrapper run around it, as on any ``torch.optim.Optimizer`` (the
         inner optimizer's run inside).
         """
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        _checkpoint.mark(self._inner.param_groups)
-        entry = _checkpoint.entry(self._run.tensors(), self._host_step, self.policy)
-        out = _checkpoint.attach(self._inner.state_dict(), entry)
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, out)
-            if result is not None:
-                out = result
-        return out
+        return _persist.state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads what :meth:`state_dict` returned (a plain inner state dict works too).
@@ -364,21 +267,7 @@ class SafeOptimizer(torch.optim.Optimizer):
         load-state-dict hooks registered on the wrapper run around it, as
         on any ``torch.optim.Optimizer``.
         """
-        state_dict = dict(state_dict)
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        inner, saved = _checkpoint.detach(state_dict)
-        self._inner.load_state_dict(inner)
-        _checkpoint.mark(self._inner.param_groups)
-        self._inner_ready = _delegate.has_state(self._inner)
-        self._fused = _delegate.fused_capable(self._inner)  # an older state dict may drop `fused`
-        if saved is not None:
-            self._run.load(dict(saved["state"]))
-            self._host_step = int(saved.get("host_step", 0))
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+        _persist.load_state_dict(self, state_dict)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *,
@@ -421,14 +310,15 @@ class SafeOptimizer(torch.optim.Optimizer):
                     "creates lazily on its first step: take one step eagerly (or load a "
                     "checkpoint) before calling the compiled function. Received: an inner "
                     f"{type(self._inner).__name__} without state.")
-            self._run.compiled_step(self._raw_inner_step, self._fused, given)
+            self._run.compiled_step(self._raw_inner_step, given)
             return closure_loss
-        self._resync()
+        if self._run.mirror_stale:  # after compiled steps
+            self._host_step = self._run.resync()
         policy = self.policy
         amp_scale, amp_inf = self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
         before = self._run.state
         replay = None if closure is None or not kind.accepts_closure else Replay(
-            closure, closure_loss, self._run, before, kind.reevaluates and _can_skip(policy))
+            closure, closure_loss, self._run, before, kind.reevaluates and can_skip(policy))
         try:
             streak = self._run.step(lambda scale, inf: self._inner_step(scale, inf, replay),
                                     self._fused, self._inner_ready, given, amp_scale, amp_inf)
@@ -443,25 +333,7 @@ class SafeOptimizer(torch.optim.Optimizer):
         return closure_loss
 
     def _raw_inner_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """The inner step without its hook and ``no_grad`` wrappers (they break graphs)."""
-        inner = self._inner
-        raw = inspect.unwrap(type(inner).step)
-        if grad_scale is not None:
-            inner.grad_scale = grad_scale  # type: ignore[attr-defined]
-        if found_inf is not None:
-            inner.found_inf = found_inf  # type: ignore[attr-defined]
-        raw(inner)
-        inner.__dict__.pop("grad_scale", None)
-        inner.__dict__.pop("found_inf", None)
-
-    def _resync(self) -> None:
-        """After compiled steps, the host mirror of the update count is read back once."""
-        run = self._run
-        if run.mirror_stale:
-            counters = run.host_state().counters
-            run.updates = int(counters.steps) + int(counters.skips)
-            self._host_step = run.updates
-            run.mirror_stale = False
+        _delegate.raw_step(self._inner, grad_scale, found_inf)
 
     def _state_init(self) -> bool:
         """Whether this is DCP's state-creating step, handed to the inner optimizer uncounted.
@@ -479,18 +351,12 @@ class SafeOptimizer(torch.optim.Optimizer):
         inner = self._inner
         saved = _delegate.snapshot(inner) if replay is not None and replay.may_abort else None
         try:
-            if grad_scale is not None:
-                inner.grad_scale = grad_scale  # type: ignore[attr-defined]
-            if found_inf is not None:
-                inner.found_inf = found_inf  # type: ignore[attr-defined]
-            _delegate.run_step(inner, replay)
+            with _delegate.kernel_inputs(inner, grad_scale, found_inf):
+                _delegate.run_step(inner, replay)
         except Abort:
             if saved is not None:
                 _delegate.restore(inner, saved)
             raise
-        finally:
-            inner.__dict__.pop("grad_scale", None)
-            inner.__dict__.pop("found_inf", None)
         self._inner_ready = True  # the inner optimizer has created its state
 
     def set_loss(self, loss: Any) -> None:
@@ -518,13 +384,7 @@ class SafeOptimizer(torch.optim.Optimizer):
 
     def param_names(self) -> list[str]:
         """Parameter names in tensor order: ``param_names`` when given, else ``param{i}``."""
-        names: list[str] = []
-        for group in self._inner.param_groups:
-            given = group.get("param_names")
-            for i, _ in enumerate(group["params"]):
-                position = len(names)
-                names.append(given[i] if given and i < len(given) else f"param{position}")
-        return names
+        return _delegate.param_names(self._inner)
 
 
 __all__ = ["SafeOptimizer"]
