@@ -28,17 +28,23 @@ row-wise tensor-parallel weight) is clipped shard by shard.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-DTensor: Any
-try:  # DTensor is absent from builds without torch.distributed
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - such builds are rare
-    DTensor = None
+
+def dtensor_type() -> Any:
+    """``torch.distributed.tensor.DTensor`` if that module is imported, else ``None``.
+
+    A DTensor exists only once its module is imported, so nothing imports it
+    here: importing it costs about a second (it pulls in ``torch._dynamo``),
+    which a model without DTensors would pay at its first ``wrap``.
+    """
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
 
 Groups = list[tuple[torch.device | None, list[int]]]
 
@@ -47,7 +53,8 @@ _MAX_LAYOUTS = 16  # shard reductions kept between steps
 
 def is_dtensor(t: Tensor) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
-    return DTensor is not None and isinstance(t, DTensor)
+    dtensor = dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def local(t: Tensor) -> Tensor:
@@ -173,8 +180,9 @@ def _groups(grads: list[Tensor]) -> Groups:
 
 def any_dtensor(param_groups: list[dict[str, Any]]) -> bool:
     """Whether any parameter of ``param_groups`` is a DTensor (FSDP2)."""
-    return DTensor is not None and any(
-        isinstance(p, DTensor) for group in param_groups for p in group["params"])
+    dtensor = dtensor_type()
+    return dtensor is not None and any(
+        isinstance(p, dtensor) for group in param_groups for p in group["params"])
 
 
 def _cached_shard_reduce(params: list[Tensor], grads: list[Tensor], device: torch.device,

@@ -123,7 +123,6 @@ class SafeOptimizer(torch.optim.Optimizer):
         self._fused = _delegate.fused_capable(inner)
         self._inner_ready = _delegate.has_state(inner)
         self._host_step = 0
-        self._pending_loss: Any = None
         device = _delegate.first_device(inner)
         self._run = Runner(inner, policy, _delegate.decide_on_host(decide_on, device), device)
         self._run.owner = self
@@ -301,8 +300,9 @@ class SafeOptimizer(torch.optim.Optimizer):
                 closure_loss = closure()
         elif loss is None and not torch.compiler.is_compiling() and self._state_init():
             return None
-        given = next((x for x in (loss, closure_loss, self._pending_loss) if x is not None), None)
-        self._pending_loss = None
+        run = self._run
+        given = next((x for x in (loss, closure_loss, run.pending_loss) if x is not None), None)
+        run.pending_loss = None
         if torch.compiler.is_compiling():
             if not self._inner_ready:
                 raise RuntimeError(
@@ -366,12 +366,23 @@ class SafeOptimizer(torch.optim.Optimizer):
         ``Trainer``); their integrations hand it here instead. A loss given
         to :meth:`step` (or returned by its closure) wins; either way it is
         used for one step.
+
+        A trainer's wrapper around this optimizer (Lightning's
+        ``LightningOptimizer``, which subclasses this class and reads the
+        rest through) hands the loss on too: it is kept with safeopt's state
+        (the runner the wrapper reads through), not on the instance called.
         """
-        self._pending_loss = loss
+        self._run.pending_loss = loss
 
     @property
     def last_step_skipped(self) -> bool:
-        """Whether the last step was skipped (on the device path, one read of the device)."""
+        """Whether the last step was skipped (on the device path, one read of the device).
+
+        Skipped by the policy, or by an AMP overflow on the fused path (the
+        ``found_inf`` ``torch.amp.GradScaler`` hands the wrapper). On the
+        foreach path the scaler does not call ``step`` on an overflow, so
+        the flag still describes the step before.
+        """
         skip = self._run.last_skip
         return bool(skip) if skip is not None else False
 

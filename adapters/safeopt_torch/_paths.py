@@ -98,7 +98,8 @@ def host(run: Runner, k: TorchKernels, grads: list[Tensor], stats: sa.GradStats,
     with np.errstate(all="ignore"):
         decision, new = sa.decide(run.xp, run.policy, run.state, host_stats)
     if amp_inf is not None and bool(np.any(host_value(amp_inf) > 0)):
-        return None  # an AMP overflow is the scaler's, not a safeopt skip: nothing changes
+        run.last_skip = True  # the scaler's skip, not safeopt's: nothing else changes
+        return None
     before, t = run.state, run.updates
     run.state = new
     run.updates += 1
@@ -148,9 +149,11 @@ def _fused(run: Runner, decision: sa.Decision, stats: sa.GradStats, new: sa.Stat
     xp = sa.namespace_by_name("torch")
     policy = run.policy
     found_inf = xp.astype(decision.skip, torch.float32) if can_skip(policy) else None
+    run.last_skip = decision.skip
     if amp_inf is not None:
         amp = torch.clamp(amp_inf.to(run.device, torch.float32), max=1.0)
         found_inf = amp if found_inf is None else torch.maximum(found_inf, amp)
+        run.last_skip = found_inf > 0  # an AMP overflow skips too
     inv = None
     if global_clip(policy):
         inv = sa.inverse_scale(xp, xp.astype(stats.norm, torch.float32), decision.threshold,
@@ -159,7 +162,6 @@ def _fused(run: Runner, decision: sa.Decision, stats: sa.GradStats, new: sa.Stat
     with backed_off(run, t):
         inner_step(grad_scale(inv, amp_scale, run.device), found_inf)
     run.state = new
-    run.last_skip = decision.skip
     if run.recovery is not None:
         return _device_flags(run, decision, new, t)
     if policy.max_consecutive_skips is None or not can_skip(policy):
@@ -205,7 +207,7 @@ def _sync(run: Runner, k: TorchKernels, grads: list[Tensor], decision: sa.Decisi
     flags = read_flags(decision.skip, decision.clipped, overflow, new.counters,
                        decision.recover, decision.snapshot)
     skip, clipped, amp_overflow, recover, snapshot, streak, nonfinite = flags
-    run.last_skip = skip
+    run.last_skip = skip or amp_overflow
     t = run.updates - 1
     if run.recovery is not None:
         run.state = run.recovery.flags(t, recover, snapshot, new, t, run.owner)

@@ -28,7 +28,7 @@ HOOK_TABLES = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
 
 #: What a copy or a pickle of the wrapper carries (see :func:`getstate`).
-PICKLED = ("_inner", "_run", "_fused", "_inner_ready", "_host_step", "_pending_loss")
+PICKLED = ("_inner", "_run", "_fused", "_inner_ready", "_host_step")
 
 
 def init_hooks(opt: SafeOptimizer) -> None:
@@ -83,8 +83,9 @@ def getstate(opt: SafeOptimizer) -> dict[str, Any]:
 
 def setstate(opt: SafeOptimizer, state: dict[str, Any]) -> None:
     """Restores :func:`getstate`'s dict (or an older release's) and re-patches the step."""
+    pending = state.pop("_pending_loss", None)  # where earlier versions kept it
     opt.__dict__.update(state)
-    opt.__dict__.setdefault("_pending_loss", None)
     opt._run.owner = opt
+    opt._run.__dict__.setdefault("pending_loss", pending)
     init_hooks(opt)
     opt._patch_step_function()

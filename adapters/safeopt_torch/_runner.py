@@ -53,7 +53,8 @@ class Runner:
         self.watch = StreakWatch()
         self.updates = 0  # host mirror of steps + skips: the monitor's cadence
         self.mirror_stale = False  # compiled steps do not keep the host mirror
-        self.last_skip: Any = None  # the last decision's skip flag (bool, or a device bool)
+        self.last_skip: Any = None  # the last step's skip flag (bool, or a device bool)
+        self.pending_loss: Any = None  # set_loss's loss, for the next step
         self.n_tensors = _n_tensors(inner)
         self.state = self.fresh_state()
         self.recovery = TorchRecovery(inner, policy) if policy.recover else None

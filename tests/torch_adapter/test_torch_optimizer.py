@@ -19,6 +19,7 @@ from torch_helpers import (
 
 import safeopt
 import safeopt.adapter as sa
+from safeopt_torch import SafeOptimizer
 
 
 def _wrapped(net: torch.nn.Module, policy: object = None, fused: bool = True,
@@ -191,6 +192,27 @@ def test_grad_scaler_decides_on_unscaled_gradients(fused: bool) -> None:
     assert stats["norm_clips"] == ref_stats["norm_clips"] > 0
     assert stats["last_norm"] == pytest.approx(ref_stats["last_norm"], rel=1e-5)
     assert scaler.get_scale() < 2.0 ** 12  # the overflow backed the scale off
+
+
+@pytest.mark.parametrize("skip_nonfinite", [True, False])
+@pytest.mark.parametrize("decide_on", ["host", "device"])
+def test_last_step_skipped_reports_an_amp_overflow(decide_on: str, skip_nonfinite: bool) -> None:
+    net = model()
+    opt = SafeOptimizer(torch.optim.AdamW(net.parameters(), lr=1e-2, fused=True),
+                        safeopt.Policy(clip_norm=1.0, skip_nonfinite=skip_nonfinite),
+                        decide_on=decide_on)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    seen = []
+    for i, (x, y) in enumerate(batches(5)):
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(net(x), y)).backward()
+        if i == 3:  # an AMP overflow after clean steps: this step is skipped
+            next(net.parameters()).grad[0, 0] = math.inf
+        scaler.step(opt)
+        scaler.update()
+        seen.append(opt.last_step_skipped)
+    assert seen == [False, False, False, True, False]
+    assert safeopt.stats(opt)["skips"] == 0  # the scaler's skip, not safeopt's
 
 
 def test_grad_scaler_with_bf16_autocast_trains() -> None:
