@@ -153,3 +153,32 @@ def test_telemetry_records_what_fired_and_what_was_rolled_back() -> None:
     assert [r["recoveries"] for r in records] == [0] * 7 + [1] * 3
     assert records[7]["last_recovery"] == {"at": 7, "restored_to": 4, "cause": [STREAK]}
     assert records[7]["rolled_back"] == 3 and records[6]["last_recovery"] is None
+
+
+def test_snapshots_reuse_their_host_buffers_and_stay_exact() -> None:
+    data = batches(14)
+    net, opt = _wrapped(False, "host", snapshot_every=2)
+    recovery = opt._run.recovery
+    pointers = []
+    for batch in data[:10]:  # updates 0-9: snapshots before updates 0, 2, 4, 6, 8
+        _step(net, opt, batch)
+        assert recovery.held is not None
+        pointers.append(recovery.held[0][0][0].data_ptr())
+    # host decisions: a new snapshot is known good before it is taken, so it is
+    # written over the old one's buffers
+    assert len(set(pointers)) == 1
+    expected = [p.detach().clone() for p in net.parameters()]  # the snapshot before update 10
+    _step(net, opt, data[10])
+    for batch in data[11:14]:
+        _step(net, opt, batch, nan=True)  # a streak of 3 restores it
+    assert safeopt.stats(opt)["last_recovery"]["restored_to"] == 10
+    for p, want in zip(net.parameters(), expected):
+        assert torch.equal(p, want)
+
+
+def test_the_recovery_cost_benchmark_runs() -> None:
+    from safeopt_bench import recovery_cost
+
+    out = recovery_cost.main(["--params", "2000", "--tensors", "4", "--rounds", "1"])
+    assert set(out) == {"bare", "safeopt", "recover", "snapshot every step",
+                        "restore every step"}
