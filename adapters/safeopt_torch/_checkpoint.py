@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping
+from types import FrameType
 from typing import Any
 
 import torch
@@ -99,7 +100,7 @@ def is_state_init(inner: torch.optim.Optimizer) -> bool:
     """
     if inner.state or not all(_is_zero(group.get("lr", 0.0)) for group in inner.param_groups):
         return False
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(_FRAMES):
         if frame is None:
             return False
