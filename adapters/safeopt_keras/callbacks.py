@@ -76,10 +76,10 @@ class DivergenceGuard(keras.callbacks.Callback):
     :func:`safeopt.check`, which raises after ``max_consecutive_skips`` skipped
     steps in a row. With ``recover=True`` the step restores the last good
     snapshot instead, and the callback raises once the run diverged with no
-    recovery left (``max_recoveries``), naming the recoveries tried. With ``steps_per_execution > 1`` Keras calls it once per
-    execution, so it fires at the end of the execution that crossed the limit.
-    On the torch backend the wrapper raises from the step itself; the callback
-    is harmless there.
+    recovery left (``max_recoveries``), naming the recoveries tried. With
+    ``steps_per_execution > 1`` Keras calls it once per execution, so it fires
+    at the end of the execution that crossed the limit. On the torch backend
+    the wrapper raises from the step itself; the callback is harmless there.
 
     Args:
       every: Check every this many batches (each check is one host read of a

@@ -22,6 +22,7 @@ from keras_helpers import assert_bit_equal, compiled_apply, data, fit, mlp, nump
 import safeopt  # noqa: E402
 import safeopt.adapter as sa  # noqa: E402
 import safeopt_keras  # noqa: E402
+from safeopt.testing.cases import STREAK, WEIGHTS  # noqa: E402
 
 BACKEND = keras.backend.backend()
 F32 = np.float32
@@ -101,7 +102,7 @@ def test_a_poisoned_weight_is_restored_bit_for_bit(bad: float, mode: str) -> Non
     assert int(keras.ops.convert_to_numpy(run.opt.iterations)) == 2
     stats = safeopt.check(run.opt)
     assert stats["recoveries"] == 1
-    assert stats["last_recovery"] == {"at": 3, "restored_to": 2}
+    assert stats["last_recovery"] == {"at": 3, "restored_to": 2, "cause": [WEIGHTS]}
     assert (stats["rolled_back"], stats["skips"], stats["steps"]) == (1, 1, 3)
     run.step(run.grads(4))  # and training goes on from there
     assert all(np.isfinite(v).all() for v in numpy(run.variables))
@@ -120,7 +121,7 @@ def test_a_nan_streak_longer_than_the_limit_recovers(mode: str) -> None:
     run.assert_restored_to(2)
     stats = safeopt.check(run.opt)  # recovered: no divergence
     assert (stats["recoveries"], stats["consecutive_skips"], stats["skips"]) == (1, 0, 3)
-    assert stats["last_recovery"] == {"at": 5, "restored_to": 2}
+    assert stats["last_recovery"] == {"at": 5, "restored_to": 2, "cause": [STREAK]}
     assert stats["rolled_back"] == 3
 
 
@@ -136,7 +137,8 @@ def test_fit_rolls_a_nan_streak_back_to_the_snapshot(jit_compile: bool) -> None:
     assert_bit_equal(numpy(model.trainable_variables), seen[2][0], "weights")
     assert_bit_equal(numpy(opt.inner_optimizer.variables), seen[2][1], "Adam's variables")
     stats = safeopt.stats(opt)
-    assert stats["recoveries"] == 1 and stats["last_recovery"] == {"at": 5, "restored_to": 2}
+    assert stats["recoveries"] == 1
+    assert stats["last_recovery"] == {"at": 5, "restored_to": 2, "cause": [STREAK]}
     fit(model, None, x, y, [6, 7])  # goes on, backed off
     assert all(np.isfinite(w).all() for w in numpy(model.weights))
     assert safeopt.stats(opt)["steps"] == 5
@@ -292,7 +294,8 @@ def test_a_saved_recovering_model_loads_and_restores_its_snapshot(tmp_path: Any)
     held = numpy(_snapshot_variables(loaded.optimizer)[:len(loaded.trainable_variables)])
     fit(loaded, None, x, y, [5, 6, 7, 8])  # a NaN streak of 3: back to the saved snapshot
     assert_bit_equal(numpy(loaded.trainable_variables), held, "weights")
-    assert safeopt.stats(loaded.optimizer)["last_recovery"] == {"at": 8, "restored_to": 4}
+    last = safeopt.stats(loaded.optimizer)["last_recovery"]
+    assert last == {"at": 8, "restored_to": 4, "cause": [STREAK]}
 
 
 def test_a_file_without_the_snapshot_loads_with_none_held() -> None:
