@@ -85,7 +85,18 @@ class FrameworkDemo(Protocol):
 
     def train(self, task: str, protected: bool, steps: int | None, seed: int,
               on_step: OnStep) -> Outcome:
-        """Trains ``task`` once; calls ``on_step`` each step (``True`` stops the run)."""
+        """Trains ``task`` once, bare or wrapped with the ``default`` policy.
+
+        Args:
+          task: A key of ``TASKS``.
+          protected: Wrap the optimizer with ``safeopt.wrap(opt, "default")``.
+          steps: Number of SGD steps (``None``: the demo's own count).
+          seed: Seed of the data and the initialisation.
+          on_step: Called with each step's record; returning ``True`` stops.
+
+        Returns:
+          The :class:`Outcome`.
+        """
 
 
 @dataclasses.dataclass

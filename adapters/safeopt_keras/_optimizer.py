@@ -17,17 +17,14 @@ so that ``model.save`` writes it and ``keras.models.load_model`` restores it
 (``.keras`` files written by safeopt 0.1 load too).
 
 On the TensorFlow backend under a ``tf.distribute`` strategy the wrapper
-all-reduces the gradients itself, decides on the sums (every replica sees the
-same sums, so every replica takes the same decision) and hands the reduced
-gradients to the inner optimizer with its own all-reduce turned off for that
-call. Keras's ``clipnorm`` family, by contrast, clips each replica's
-gradients before the all-reduce.
+decides on all-reduced gradients (:mod:`safeopt_keras._distribute`). With
+``recover=True`` it keeps the last good snapshot in optimizer variables and
+restores it inside the step (:mod:`safeopt_keras._recover`).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -38,49 +35,10 @@ from keras.src.utils import tracking
 import safeopt
 import safeopt.adapter as sa
 from safeopt import Policy
-from safeopt_keras import _loss
-
-#: Marks the variable layout of this version in a saved optimizer (0.1 had none).
-_LAYOUT_KEY, _LAYOUT = "safeopt_layout", 2
-
-_CLIP_ARGS = {
-    "global_clipnorm": lambda v: {"clip_norm": v, "norm_scope": "global"},
-    "clipnorm": lambda v: {"clip_norm": v, "norm_scope": "per_tensor"},
-    "clipvalue": lambda v: {"clip_value": v},
-}
-
-
-def _check_inner(inner: Any) -> None:
-    """Refuses inner optimizers whose own features would act twice or first."""
-    if not isinstance(inner, keras.optimizers.Optimizer):
-        raise TypeError(
-            "`inner_optimizer` must be a `keras.optimizers.Optimizer`. "
-            f"Received: inner_optimizer={inner!r} of type {type(inner).__name__}"
-        )
-    if isinstance(inner, (SafeOptimizer, keras.optimizers.LossScaleOptimizer)):
-        raise ValueError(
-            "`inner_optimizer` must not be a `LossScaleOptimizer` or already wrapped by "
-            "safeopt: wrap the plain optimizer and put the loss scaling outside, "
-            "`keras.optimizers.LossScaleOptimizer(safeopt.wrap(opt, policy))`, so that "
-            "safeopt sees unscaled gradients. "
-            f"Received: inner_optimizer={type(inner).__name__}"
-        )
-    for arg, remedy in _CLIP_ARGS.items():
-        value = getattr(inner, arg, None)
-        if value is not None:
-            raise ValueError(
-                f"`inner_optimizer` must not clip gradients itself: safeopt clips them (after "
-                f"its non-finite check and penalty), so clipping there would apply twice. "
-                f"Received: {arg}={value}. Remove `{arg}` from the inner optimizer and put it "
-                f"in the policy instead: {remedy(value)}."
-            )
-    if inner.gradient_accumulation_steps:
-        raise ValueError(
-            "`inner_optimizer` must not accumulate gradients: safeopt would decide on each "
-            "micro-batch instead of on the accumulated gradient. "
-            f"Received: gradient_accumulation_steps={inner.gradient_accumulation_steps}. "
-            "Accumulate in the training loop (or use a larger batch) instead."
-        )
+from safeopt_keras import _distribute, _loss, _saving
+from safeopt_keras._checks import check_inner
+from safeopt_keras._kernels import KerasKernels, value_of
+from safeopt_keras._recover import Snapshot, backed_off
 
 
 @keras.saving.register_keras_serializable(package="safeopt")
@@ -97,6 +55,13 @@ class SafeOptimizer(keras.optimizers.Optimizer):
     ``clipvalue`` or ``global_clipnorm`` is refused, with the policy keys to
     use instead. An inner ``loss_scale_factor`` is taken over (the wrapper
     unscales the gradients before it decides).
+
+    With ``recover=True`` it also keeps the last good snapshot of the
+    weights, of the inner optimizer's variables and of safeopt's state in
+    variables of its own (one more copy of the weights and of the inner
+    optimizer's slots, on the device, saved with the model), restores it bit
+    for bit inside the step when the run diverges, and backs the learning rate
+    off (see :mod:`safeopt_keras._recover`).
 
     Args:
       inner_optimizer: The ``keras.optimizers.Optimizer`` to wrap (built by
@@ -115,7 +80,7 @@ class SafeOptimizer(keras.optimizers.Optimizer):
 
     def __init__(self, inner_optimizer: Any, policy: Any = None, name: str | None = None,
                  loss_scale_factor: float | None = None, **kwargs: Any) -> None:
-        _check_inner(inner_optimizer)
+        check_inner(inner_optimizer, SafeOptimizer)
         if kwargs:
             raise ValueError(
                 "SafeOptimizer takes no other optimizer arguments: set them on the inner "
@@ -130,12 +95,17 @@ class SafeOptimizer(keras.optimizers.Optimizer):
         self.policy: Policy = safeopt.load_policy(policy)
         self._kernels = KerasKernels(sa.namespace_by_name(keras.backend.backend()))
         self._slots: dict[str, int] = {}
+        self._snapshot: Snapshot | None = None  # with recover, once built
         self._n_base = len(self._variables)  # the base optimizer's own (iterations, lr)
 
     # -- building ---------------------------------------------------------------
     @tracking.no_automatic_dependency_tracking
     def build(self, var_list: Sequence[Any]) -> None:
-        """Builds the inner optimizer and one variable per field of safeopt's state."""
+        """Builds the inner optimizer, one variable per field of safeopt's state, the snapshot.
+
+        With ``recover`` the snapshot's copies (see :mod:`safeopt_keras._recover`)
+        come after safeopt's state among the wrapper's own variables.
+        """
         if self.built:
             return
         var_list = list(var_list)
@@ -147,6 +117,8 @@ class SafeOptimizer(keras.optimizers.Optimizer):
                               aggregation="only_first_replica", name=key.replace(".", "_"))
         if not self.inner_optimizer.built:
             self.inner_optimizer.build(var_list)
+        if self.policy.recover:
+            self._snapshot = Snapshot(self, var_list, initial)
         super().build(var_list)
 
     def _initial_state(self, n_tensors: int) -> sa.State:
@@ -154,7 +126,7 @@ class SafeOptimizer(keras.optimizers.Optimizer):
 
     @property
     def variables(self) -> list[Any]:
-        """The wrapper's variables (safeopt's state among them), then the inner's."""
+        """The wrapper's variables (safeopt's state, the snapshot), then the inner's."""
         return self._variables + self.inner_optimizer.variables
 
     def state_variables(self) -> sa.State:
@@ -255,7 +227,7 @@ class SafeOptimizer(keras.optimizers.Optimizer):
         if backend == "jax":
             self._jax_stateful_apply(grads, loss)
         elif backend == "tensorflow":
-            self._tf_apply(grads, loss)
+            _distribute.tf_apply(self, grads, loss)
         else:
             skip = self._common_apply(grads, loss)
             if backend == "torch" and bool(skip):  # torch is eager: ops.cond read it already
@@ -271,65 +243,39 @@ class SafeOptimizer(keras.optimizers.Optimizer):
         return [ops.convert_to_tensor(v) for v in self._trainable_variables]
 
     def _common_apply(self, grads: list[Any], loss: Any) -> Any:
+        """The stateful step (TensorFlow without a strategy, torch); returns the skip flag."""
         state = self._read_state()
         new_grads, decision, new_state = self._protect(grads, self._params(), state, loss)
-        self._assign_state(state, new_state)
         variables = list(self._trainable_variables)
 
         def step() -> None:
             self.inner_optimizer.apply(new_grads, variables)
 
+        if self._snapshot is not None:
+            return self._snapshot.apply(self, state, decision, new_state, step)
+        self._assign_state(state, new_state)
         ops.cond(decision.skip, lambda: None, step)
         return decision.skip
 
     def _raise_if_diverged_eagerly(self) -> None:
-        """torch runs eagerly and has just read ``skip``: raise at once when diverging."""
-        limit = self.policy.max_consecutive_skips
-        if limit is None:
-            return
-        streak = self.state_variables().counters.consecutive_skips
-        if int(ops.convert_to_numpy(streak)) >= limit:
-            safeopt.check(self)
+        """torch runs eagerly and has just read ``skip``: raise at once when diverging.
 
-    # -- TensorFlow and tf.distribute -------------------------------------------
-    def _tf_apply(self, grads: list[Any], loss: Any) -> None:
-        import tensorflow as tf
-
-        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
-                 for g in grads]
-        if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
-            if tf.distribute.in_cross_replica_context() and tf.distribute.has_strategy():
-                raise ValueError("apply() must be called in a replica context.")
-            self._common_apply(grads, loss)
-            return
-        ctx = tf.distribute.get_replica_context()
-        present = [i for i, g in enumerate(grads) if g is not None]
-        reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
-        for i, g in zip(present, reduced):
-            grads[i] = g
-        if loss is not None:
-            loss = ctx.all_reduce(tf.distribute.ReduceOp.SUM, loss)
-        state = self._read_state()
-        new_grads, decision, new_state = self._protect(grads, self._params(), state, loss)
-        self._assign_state(state, new_state)
-        ctx.merge_call(self._cross_replica_step, args=(decision.skip, new_grads))
-
-    def _cross_replica_step(self, distribution: Any, skip: Any, grads: list[Any]) -> None:
-        """Skips or applies on every replica (a cond must run in cross-replica context).
-
-        ``skip`` is the same on every replica, since it was computed from the
-        all-reduced gradients; the first replica's copy is taken.
+        That is when the skip streak reached ``max_consecutive_skips`` (with
+        ``recover``, only once no recovery is left), or when an update
+        recovered with no snapshot or no recovery left (``exhausted``).
         """
-        first = distribution.experimental_local_results(skip)[0]
-        variables = list(self._trainable_variables)
-
-        def step() -> None:
-            # Around the whole call: the replicas run in threads until it returns.
-            with _no_inner_all_reduce(self.inner_optimizer):
-                distribution.extended.call_for_each_replica(
-                    self.inner_optimizer.apply, args=(grads, variables))
-
-        ops.cond(first, lambda: None, step)
+        limit = self.policy.max_consecutive_skips
+        state = self.state_variables()
+        reads = [] if limit is None else [state.counters.consecutive_skips]
+        if not isinstance(state.recovery, sa.Empty):
+            reads.append(state.recovery.exhausted)
+        if not reads:
+            return
+        values = [int(v) for v in ops.convert_to_numpy(ops.stack(
+            [ops.cast(ops.convert_to_tensor(v), "int32") for v in reads]))]
+        if (limit is not None and values[0] >= limit) or (
+                not isinstance(state.recovery, sa.Empty) and values[-1]):
+            safeopt.check(self)
 
     # -- JAX ------------------------------------------------------------------------
     def stateless_apply(self, optimizer_variables: Sequence[Any], grads: Sequence[Any],
@@ -354,18 +300,22 @@ class SafeOptimizer(keras.optimizers.Optimizer):
                 f"{n_own + len(self.inner_optimizer.variables)} variables."
             )
         # Values, or Keras variables read in a StatelessScope (LossScaleOptimizer passes those).
-        own = [_value(v) for v in optimizer_variables[:n_own]]
-        inner_values = [_value(v) for v in optimizer_variables[n_own:]]
-        params = [_value(v) for v in trainable_variables]
+        own = [value_of(v) for v in optimizer_variables[:n_own]]
+        inner_values = [value_of(v) for v in optimizer_variables[n_own:]]
+        params = [value_of(v) for v in trainable_variables]
         state = sa.unflatten(self._initial_state(len(params)),
                              {key: own[i] for key, i in self._slots.items()}, lambda v, _: v)
         new_grads, decision, new_state = self._protect(list(grads), params, state, loss)
+        if self._snapshot is not None:
+            inner_values, params, new_state = self._snapshot.stateless(
+                own, inner_values, params, state, decision, new_state)
         for key, value in sa.flatten(new_state).items():
             own[self._slots[key]] = value
 
         def step() -> tuple[list[Any], list[Any]]:
-            new_params, new_inner = self.inner_optimizer.stateless_apply(
-                inner_values, new_grads, params)
+            with backed_off(self.inner_optimizer, decision.lr_factor):
+                new_params, new_inner = self.inner_optimizer.stateless_apply(
+                    inner_values, new_grads, params)
             return list(new_params), list(new_inner)
 
         new_params, new_inner = ops.cond(decision.skip, lambda: (params, inner_values), step)
@@ -382,29 +332,13 @@ class SafeOptimizer(keras.optimizers.Optimizer):
 
     # -- saving ---------------------------------------------------------------------
     def save_own_variables(self, store: Any) -> None:
-        """Saves the variables, marked with this version's layout."""
+        """Saves the variables (the recovery snapshot among them), marked with the layout."""
         super().save_own_variables(store)
-        store[_LAYOUT_KEY] = np.int32(_LAYOUT)
+        store[_saving.LAYOUT_KEY] = np.int32(_saving.LAYOUT)
 
     def load_own_variables(self, store: Any) -> None:
-        """Loads saved variables, from this version's layout or safeopt 0.1's."""
-        if _LAYOUT_KEY in store:
-            for i, variable in enumerate(self.variables):
-                variable.assign(store[str(i)])
-            return
-        legacy = {name: np.asarray(store[str(self._n_base + i)])
-                  for i, name in enumerate(sa.FIELDS_0_1)}
-        for i in range(self._n_base):
-            self._variables[i].assign(store[str(i)])
-        current = {key: np.asarray(ops.convert_to_numpy(self._variables[i]))
-                   for key, i in self._slots.items()}
-        template = sa.unflatten(self._initial_state(len(self._trainable_variables)), current)
-        restored = sa.flatten(sa.unflatten(template, sa.upgrade(legacy)))
-        for key, i in self._slots.items():
-            self._variables[i].assign(restored[key])
-        offset = self._n_base + len(sa.FIELDS_0_1)
-        for j, variable in enumerate(self.inner_optimizer.variables):
-            variable.assign(store[str(offset + j)])
+        """Loads saved variables, from this version's layout or an earlier one."""
+        _saving.load(self, store)
 
     def get_config(self) -> dict[str, Any]:
         """The wrapper's config, with the inner optimizer nested."""
@@ -422,36 +356,3 @@ class SafeOptimizer(keras.optimizers.Optimizer):
         inner = keras.optimizers.deserialize(config.pop("inner_optimizer"),
                                              custom_objects=custom_objects)
         return cls(inner, **config)
-
-
-@contextlib.contextmanager
-def _no_inner_all_reduce(inner: Any) -> Iterator[None]:
-    """Turns the inner TF optimizer's all-reduce off: its gradients are sums already.
-
-    Keras's TF optimizer all-reduces inside ``_backend_update_step``; the
-    wrapper has done it before deciding, so a second sum would double the
-    gradients.
-    """
-    inner.__dict__["_all_reduce_sum_gradients"] = _identity
-    try:
-        yield
-    finally:
-        inner.__dict__.pop("_all_reduce_sum_gradients", None)
-
-
-def _value(x: Any) -> Any:
-    return ops.convert_to_tensor(x) if isinstance(x, keras.Variable) else x
-
-
-def _identity(grads_and_vars: Any) -> Any:
-    return grads_and_vars
-
-
-class KerasKernels(sa.Kernels):
-    """The core's default kernels on the backend's namespace, with ``ops.cond``."""
-
-    def when(self, pred: Any, compute: Any, otherwise: float) -> Any:
-        if isinstance(pred, bool):
-            return super().when(pred, compute, otherwise)
-        fallback = ops.convert_to_tensor(otherwise, "float32")
-        return ops.cond(pred, compute, lambda: fallback)

@@ -74,10 +74,12 @@ class DivergenceGuard(keras.callbacks.Callback):
     from inside; this callback reads safeopt's counters at the end of every
     ``every``-th batch (the host boundary ``model.fit`` already has) and calls
     :func:`safeopt.check`, which raises after ``max_consecutive_skips`` skipped
-    steps in a row. With ``steps_per_execution > 1`` Keras calls it once per
-    execution, so it fires at the end of the execution that crossed the limit.
-    On the torch backend the wrapper raises from the step itself; the callback
-    is harmless there.
+    steps in a row. With ``recover=True`` the step restores the last good
+    snapshot instead, and the callback raises once the run diverged with no
+    recovery left (``max_recoveries``), naming the recoveries tried. With
+    ``steps_per_execution > 1`` Keras calls it once per execution, so it fires
+    at the end of the execution that crossed the limit. On the torch backend
+    the wrapper raises from the step itself; the callback is harmless there.
 
     Args:
       every: Check every this many batches (each check is one host read of a

@@ -209,18 +209,7 @@ def _torch_step(model: keras.Model, opt: Any, protected: bool) -> Step:
 # ---------------------------------------------------------------------------
 def train(task: str, protected: bool, steps: int | None, seed: int,
           on_step: OnStep) -> Outcome:
-    """Trains ``task`` once, bare or wrapped with the ``default`` policy.
-
-    Args:
-      task: A key of :data:`TASKS`.
-      protected: Wrap the optimizer with ``safeopt.wrap(opt, "default")``.
-      steps: Number of SGD steps (default: :data:`STEPS`).
-      seed: Seed of the data and the initialisation.
-      on_step: Called with each step's record; returning ``True`` stops.
-
-    Returns:
-      The :class:`~safeopt_bench.demo.Outcome`.
-    """
+    """Trains ``task`` once (see :meth:`safeopt_bench.demo.FrameworkDemo.train`)."""
     with _one_torch_thread():
         return _train(task, protected, STEPS[task] if steps is None else steps, seed, on_step)
 

@@ -131,18 +131,7 @@ def leaf_names(params: Params) -> list[str]:
 
 def train(task: str, protected: bool, steps: int | None, seed: int,
           on_step: OnStep) -> Outcome:
-    """Trains ``task`` once, bare or wrapped with the ``default`` policy.
-
-    Args:
-      task: A key of :data:`TASKS`.
-      protected: Wrap the transformation with ``safeopt.wrap(tx, "default")``.
-      steps: Number of SGD steps (default: :data:`STEPS`).
-      seed: Seed of the data and the initialisation.
-      on_step: Called with each step's record; returning ``True`` stops.
-
-    Returns:
-      The :class:`~safeopt_bench.demo.Outcome`.
-    """
+    """Trains ``task`` once (see :meth:`safeopt_bench.demo.FrameworkDemo.train`)."""
     total = STEPS[task] if steps is None else steps
     params, apply, batches, tx = _task(task, seed)
     if protected:

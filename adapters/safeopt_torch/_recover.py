@@ -52,6 +52,7 @@ class TorchRecovery:
         self.held: tuple[Copy, sa.State] | None = None
         self.pending: dict[int, tuple[Copy, sa.State]] = {}
         self.restored_at = -1  # update index of the last restore, -1 before any
+        self._free: list[Copy] = []  # copies no longer needed, whose buffers are reused
 
     # -- the learning-rate back-off -------------------------------------------------
     def factor(self, t: int) -> float:
@@ -81,12 +82,32 @@ class TorchRecovery:
 
     # -- snapshots ------------------------------------------------------------------------
     def copy(self) -> Copy:
-        """Copies every parameter and its inner state to host memory."""
+        """Copies every parameter and its inner state to host memory.
+
+        The buffers of a copy no longer needed are reused (allocating, and
+        on an accelerator pinning, host memory costs more than copying).
+        """
         params = _params(self.inner)
-        return ([_store(_batch.local(p)) for p in params],
-                [None if p not in self.inner.state else
-                 {k: _store(_batch.local(v)) if isinstance(v, Tensor) else v
-                  for k, v in self.inner.state[p].items()} for p in params])
+        old = self._free.pop() if self._free else None
+        values = [_store(_batch.local(p), _slot(old, i)) for i, p in enumerate(params)]
+        states: list[dict[str, Any] | None] = []
+        for i, p in enumerate(params):
+            if p not in self.inner.state:
+                states.append(None)
+                continue
+            before = old[1][i] if old is not None and i < len(old[1]) else None
+            states.append({k: _store(_batch.local(v), (before or {}).get(k))
+                           if isinstance(v, Tensor) else v
+                           for k, v in self.inner.state[p].items()})
+        return values, states
+
+    def _release(self, saved: Copy) -> None:
+        self._free[:] = [saved]  # one spare set is enough: a copy is replaced by the next
+
+    def _hold(self, copy: tuple[Copy, sa.State]) -> None:
+        if self.held is not None and self.held[0] is not copy[0]:
+            self._release(self.held[0])
+        self.held = copy
 
     def put_back(self, saved: Copy) -> None:
         """Restores a :meth:`copy` in place, bit for bit."""
@@ -98,15 +119,26 @@ class TorchRecovery:
                     self.inner.state.pop(p, None)
                     continue
                 current = self.inner.state[p]
-                current.clear()
-                current.update({k: v.to(_batch.local(p).device, copy=True)
-                                if isinstance(v, Tensor) else v for k, v in state.items()})
+                for k in [k for k in current if k not in state]:
+                    del current[k]
+                for k, v in state.items():
+                    now = current.get(k)
+                    if isinstance(v, Tensor) and isinstance(now, Tensor) and \
+                            now.shape == v.shape and now.dtype == v.dtype:
+                        _batch.local(now).copy_(v, non_blocking=True)  # in place: kernels,
+                    elif isinstance(v, Tensor):  # compiled graphs keep their tensors
+                        current[k] = v.to(_batch.local(p).device, copy=True)
+                    else:
+                        current[k] = v
 
     # -- host decisions: the decision is known ----------------------------------------
     def host(self, decision: sa.Decision, before: sa.State, new: sa.State, t: int,
              owner: Any) -> sa.State:
         """Snapshot before the update, or restore; returns safeopt's state."""
         if decision.snapshot is not None and bool(decision.snapshot):
+            if self.held is not None:
+                self._release(self.held[0])
+                self.held = None
             self.held = (self.copy(), before)
         return self._recover(bool(decision.recover), new, t, owner)
 
@@ -120,9 +152,9 @@ class TorchRecovery:
               owner: Any) -> sa.State:
         """The flags of update ``u`` have arrived (``t``: the latest update)."""
         if snapshot and u in self.pending:
-            self.held = self.pending[u]
+            self._hold(self.pending.pop(u))
         for old in [v for v in self.pending if v <= u]:
-            del self.pending[old]
+            self._release(self.pending.pop(old)[0])
         if recover and u > self.restored_at:  # a restore covers the triggers decided before it
             self.pending.clear()
             return self._recover(True, new, t, owner)
@@ -147,13 +179,21 @@ def _params(inner: torch.optim.Optimizer) -> list[Tensor]:
     return [p for group in inner.param_groups for p in group["params"]]
 
 
-def _store(t: Tensor) -> Tensor:
-    """A copy of ``t`` in host memory (pinned and without blocking from an accelerator)."""
+def _slot(old: Copy | None, i: int) -> Tensor | None:
+    return old[0][i] if old is not None and i < len(old[0]) else None
+
+
+def _store(t: Tensor, into: Any = None) -> Tensor:
+    """A copy of ``t`` in host memory (pinned and without blocking from an accelerator).
+
+    ``into``, a host tensor of ``t``'s shape and dtype, is reused when given.
+    """
     t = t.detach()
-    if t.device.type == "cpu":
-        return t.clone()
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return out.copy_(t, non_blocking=True)
+    if not (isinstance(into, Tensor) and into.shape == t.shape and into.dtype == t.dtype):
+        if t.device.type == "cpu":
+            return t.clone()
+        into = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return into.copy_(t, non_blocking=t.device.type != "cpu")
 
 
 def _clone(v: Any) -> Any:

@@ -92,18 +92,7 @@ def _task(task: str, seed: int) -> tuple[nn.Module, Iterator[tuple[np.ndarray, n
 # ---------------------------------------------------------------------------
 def train(task: str, protected: bool, steps: int | None, seed: int,
           on_step: OnStep) -> Outcome:
-    """Trains ``task`` once, bare or wrapped with the ``default`` policy.
-
-    Args:
-      task: A key of :data:`TASKS`.
-      protected: Wrap the optimizer with ``safeopt.wrap(opt, "default")``.
-      steps: Number of SGD steps (default: :data:`STEPS`).
-      seed: Seed of the data and the initialisation.
-      on_step: Called with each step's record; returning ``True`` stops.
-
-    Returns:
-      The :class:`~safeopt_bench.demo.Outcome`.
-    """
+    """Trains ``task`` once (see :meth:`safeopt_bench.demo.FrameworkDemo.train`)."""
     threads = torch.get_num_threads()
     # The models are tiny: one thread is fastest and does not fight other work.
     torch.set_num_threads(1)

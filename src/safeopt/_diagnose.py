@@ -56,6 +56,7 @@ from safeopt._features.monitor_loss import (
     TRACTION_FRACTION,
 )
 from safeopt._policy import Policy
+from safeopt._recovered import recovery_summary
 from safeopt._registry import read_state
 from safeopt._remedies import remedies_for
 from safeopt._state import State
@@ -118,9 +119,13 @@ def diagnose_state(policy: Policy, state: State,
     """
     st = _HostState(state)
     updates = st.int("steps") + st.int("skips")
+    rec = recovery_summary(state)
     base = Diagnosis(updates=updates, applied=st.int("steps"), skipped=st.int("skips"),
                      window=policy.monitor_window, clipped=st.int("norm_clips"),
-                     threshold=st.float("threshold"))
+                     threshold=st.float("threshold"), recoveries=rec.get("recoveries", 0),
+                     rolled_back=rec.get("rolled_back", 0),
+                     last_recovery=rec.get("last_recovery"),
+                     recovery_exhausted=rec.get("recovery_exhausted", False))
     if not st.monitored:
         return base
     names = layer_names(names, st.array("layer_norm_ema").shape[0])

@@ -91,6 +91,11 @@ class Diagnosis:
       grad_norm: The raw (pre-clip) global gradient norm, its mean over the
         last ``monitor_window`` updates (NaN when not monitored).
       threshold: The norm-clip threshold in force (``inf`` without clipping).
+      recoveries: Restores of a snapshot so far (policy ``recover``).
+      rolled_back: Updates those restores discarded, in all.
+      last_recovery: The last restore, ``{"at", "restored_to", "cause"}``
+        as in :func:`safeopt.stats`, or ``None``.
+      recovery_exhausted: The run diverged again with no recovery left.
     """
 
     updates: int
@@ -103,6 +108,10 @@ class Diagnosis:
     clipped: int = 0
     grad_norm: float = math.nan
     threshold: float = math.inf
+    recoveries: int = 0
+    rolled_back: int = 0
+    last_recovery: dict[str, Any] | None = None
+    recovery_exhausted: bool = False
 
     @property
     def active(self) -> tuple[Sign, ...]:
@@ -143,6 +152,9 @@ class Diagnosis:
             remedies=tuple(Remedy(**r) for r in data.get("remedies") or ()),
             window=_int(data.get("window"), 50), clipped=_int(data.get("clipped")),
             grad_norm=_float(data.get("grad_norm")), threshold=_float(data.get("threshold")),
+            recoveries=_int(data.get("recoveries")), rolled_back=_int(data.get("rolled_back")),
+            last_recovery=data.get("last_recovery"),
+            recovery_exhausted=bool(data.get("recovery_exhausted")),
         )
 
     def __str__(self) -> str:
@@ -230,7 +242,8 @@ def _lines(d: Diagnosis) -> list[str]:
             f"{d.skipped} skipped{clipped}): ")
     verdict, reasons = weigh(d.signs, d.window)
     if verdict == "healthy":
-        return [head + "healthy, no sign of exploding gradients.", *_clip_note(d)]
+        return [head + "healthy, no sign of exploding gradients.", *_clip_note(d),
+                *_recovery_note(d)]
     if verdict == "exploding":
         lines = [head + "exploding gradients" + ("." if any(s.active for s in d.signs) else
                                                   f", not in the last {d.window} updates."),
@@ -239,7 +252,7 @@ def _lines(d: Diagnosis) -> list[str]:
         lines = [head + "signs seen, but nothing conclusive of exploding gradients.",
                  "  Conclusive would be NaN/Inf, or two of (b) an unstable loss, (c) "
                  "fast-growing weights, (d) a growing gradient norm, at once."]
-    lines += _clip_note(d)
+    lines += _clip_note(d) + _recovery_note(d)
     lines += ["", "Signs (updates counted from 1):"]
     for s in d.signs:
         when = (f"since update {nth(s.since)}" if s.active
@@ -272,6 +285,23 @@ def _clip_note(d: Diagnosis) -> list[str]:
     return [f"  Note: the norm clip changed {d.clipped / d.applied:.0%} of the applied updates "
             f"(raw gradient norm ~{number(d.grad_norm)}, threshold {number(d.threshold)}, "
             f"x{number(ratio, '.2g')}); the loss and weights are those of the clipped run."]
+
+
+def _recovery_note(d: Diagnosis) -> list[str]:
+    """What recovery did: how often, the last restore and what fired, or that it ran out."""
+    lines = []
+    if d.recoveries:
+        times = "once" if d.recoveries == 1 else f"{d.recoveries} times"
+        lines.append(f"  Recovered {times} from a snapshot ({d.rolled_back} update(s) rolled "
+                     "back in all).")
+        last = d.last_recovery or {}
+        if last:
+            causes = "; ".join(last.get("cause") or ()) or "unknown"
+            lines.append(f"  The last restore, at update {nth(last.get('at'))}, went back to "
+                         f"the snapshot before update {nth(last.get('restored_to'))}: {causes}.")
+    if d.recovery_exhausted:
+        lines.append("  The run diverged again with no recovery left (max_recoveries).")
+    return lines
 
 
 # ---------------------------------------------------------------------------

@@ -50,9 +50,11 @@ def raise_recovery_exhausted(policy: Policy, counters: Mapping[str, Any],
       obj: The wrapped optimizer or state, to attach its diagnosis.
     """
     n = int(counters.get("recoveries", 0))
+    fired = "; ".join(counters.get("divergence_cause") or ()) or "the run diverged"
     raise DivergenceError(
         f"safeopt's run diverged again after {n} recover{'y' if n == 1 else 'ies'} "
-        f"(max_recoveries={policy.max_recoveries}){_recoveries(policy, counters)} Restoring "
+        f"(max_recoveries={policy.max_recoveries}): {fired}"
+        f"{_recoveries(policy, counters)} Restoring "
         "once more would repeat what did not work: lower the learning rate, or look for what "
         "changed in the data.", diagnosis=_diagnosis_of(obj), stats=dict(counters))
 
@@ -62,7 +64,7 @@ def _recoveries(policy: Policy, counters: Mapping[str, Any]) -> str:
     if not policy.recover or not n:
         return "."
     last = counters.get("last_recovery") or {}
-    return (f": each restored the last good snapshot and backed the learning rate off to "
+    return (f". Each restored the last good snapshot and backed the learning rate off to "
             f"{policy.recover_lr_factor:g}x; the last, at update {last.get('at')}, went back "
             f"to update {last.get('restored_to')}; {int(counters.get('rolled_back', 0))} "
             "updates were rolled back in all.")

@@ -17,6 +17,7 @@ from safeopt._diagnose import diagnose_state, layer_names
 from safeopt._diagnosis import jsonable
 from safeopt._divergence import raise_if_diverged
 from safeopt._policy import Policy
+from safeopt._recovered import recovery_summary
 from safeopt._registry import read_state
 from safeopt._state import State
 from safeopt._summary import COUNTERS
@@ -137,6 +138,7 @@ def make_record(policy: Policy, state: State, extra: Mapping[str, Any] | None = 
         "skipped": counts["consecutive_skips"] > 0,
         "weight_norm": num("last_weight_norm"),
         "loss": num("last_loss") if given else (None if loss is None else float(loss)),
+        **recovery_summary(state),
         "layers": _top_layers(state, layer_names(names, _n_layers(state)), policy.log_top_k),
         "signs": [s.letter for s in diagnosis.active],
         "diagnosis": diagnosis.to_dict(),

@@ -195,6 +195,9 @@ def _grad_norm(ax: Any, records: Sequence[dict[str, Any]], steps: np.ndarray,
     for k, s in enumerate(steps[skipped]):
         ax.axvline(s, color="red", alpha=0.35, lw=1,
                    label="skipped in interval" if k == 0 else None)
+    for k, s in enumerate(steps[increments(records, "recoveries")]):
+        ax.axvline(s, color="tab:green", lw=2, ls=":",
+                   label="recovered from a snapshot" if k == 0 else None)
     if first:
         ax.set_ylabel("gradient norm")
     ax.grid(alpha=0.3)

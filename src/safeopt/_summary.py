@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from safeopt._divergence import raise_if_diverged
-from safeopt._features.base import Empty
 from safeopt._policy import Policy
+from safeopt._recovered import recovery_summary
 from safeopt._registry import read_state
 from safeopt._state import State
 
@@ -31,14 +31,7 @@ def summarize(policy: Policy, state: State, extra: dict[str, Any] | None = None,
         out["last_loss"] = None  # never given: absent, not NaN
     if math.isnan(out["last_weight_norm"]):
         del out["last_weight_norm"]  # never gathered (monitor off, or no update yet)
-    rec = state.recovery
-    if not isinstance(rec, Empty):
-        out["recoveries"] = int(np.asarray(rec.recoveries))
-        out["recovery_exhausted"] = bool(np.asarray(rec.exhausted))
-        out["rolled_back"] = int(np.asarray(rec.rolled_back))
-        at = int(np.asarray(rec.last_at))
-        out["last_recovery"] = None if at < 0 else {
-            "at": at, "restored_to": int(np.asarray(rec.last_from))}
+    out.update(recovery_summary(state))
     out["policy"] = "off" if policy.is_noop else "on"
     out.update(extra or {})
     out["clip_rate"] = out["norm_clips"] / out["steps"] if out["steps"] else 0.0

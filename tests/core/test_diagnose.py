@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -262,3 +263,19 @@ def test_from_dict_reads_nulls_and_older_logs() -> None:
     assert diagnosis.verdict == "exploding" and math.isnan(diagnosis.layers[0].norm)
     text = str(diagnosis)
     assert "norm ~nan" in text and "since update 25" in text
+
+
+def test_a_diagnosis_says_what_recovery_did_and_survives_json() -> None:
+    from safeopt._diagnosis import Diagnosis
+    from safeopt.testing.cases import STREAK
+
+    d = Diagnosis(updates=40, applied=30, skipped=10, recoveries=2, rolled_back=12,
+                  last_recovery={"at": 33, "restored_to": 30, "cause": [STREAK]},
+                  recovery_exhausted=True, grad_norm=1.5, threshold=1.0)
+    text = str(d)
+    assert "Recovered 2 times from a snapshot (12 update(s) rolled back in all)" in text
+    assert f"at update 34, went back to the snapshot before update 31: {STREAK}" in text
+    assert "with no recovery left" in text
+    back = Diagnosis.from_dict(json.loads(json.dumps(d.to_dict())))
+    assert back == d
+    assert "Recovered" not in str(Diagnosis(updates=3, applied=3, skipped=0))

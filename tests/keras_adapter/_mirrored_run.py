@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import safeopt  # noqa: E402
 
 BATCH, N_BATCHES = 8, 6
+_RECOVERY = ("recoveries", "last_recovery", "rolled_back", "steps", "skips")
 
 
 def _data() -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +86,19 @@ def main() -> None:
     keep[4 * BATCH:5 * BATCH] = False
     w_left_out, s_left_out, _ = _train(single, safe, x[keep], y[keep])
 
+    # Recovery: NaN in replica 0's shard of batch 3, in replica 1's of batch 4: the streak
+    # reaches max_consecutive_skips=2 at update 4, which restores the snapshot before update 2.
+    def recovering() -> Any:
+        return safeopt.wrap(keras.optimizers.SGD(0.1), {**policy, "recover": True,
+                                                        "snapshot_every": 2,
+                                                        "max_consecutive_skips": 2})
+
+    x_streak = x.copy()
+    x_streak[3 * BATCH + 0, 0] = math.nan
+    x_streak[4 * BATCH + BATCH - 1, 1] = math.nan
+    w_rec, s_rec, same_rec = _train(mirrored, recovering, x_streak, y)
+    w_rec_single, s_rec_single, _ = _train(single, recovering, x_streak, y)
+
     print(json.dumps({
         "replicas": mirrored.num_replicas_in_sync,
         "safe_mirror_vs_single": _max_diff(w_mirror, w_single),
@@ -93,11 +107,15 @@ def main() -> None:
         "norm_clips_single": s_single["norm_clips"],
         "last_loss_mirror": s_mirror["last_loss"],
         "last_loss_single": s_single["last_loss"],
-        "replicas_equal": same_clip + same_bad,
+        "replicas_equal": same_clip + same_bad + same_rec,
         "nan_vs_left_out": _max_diff(w_bad, w_left_out),
         "nan_finite": all(bool(np.isfinite(w).all()) for w in w_bad),
         "nan_stats": {k: s_bad[k] for k in ("skips", "nonfinite", "steps")},
         "left_out_steps": s_left_out["steps"],
+        "recover_vs_single": _max_diff(w_rec, w_rec_single),
+        "recover_finite": all(bool(np.isfinite(w).all()) for w in w_rec),
+        "recover_stats": {k: s_rec[k] for k in _RECOVERY},
+        "recover_stats_single": {k: s_rec_single[k] for k in _RECOVERY},
     }))
 
 

@@ -10,13 +10,14 @@ Run once per backend::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import pytest
 
 keras = pytest.importorskip("keras")
+
+from keras_helpers import assert_bit_equal, compiled_apply, data, fit, mlp, numpy  # noqa: E402
 
 import safeopt  # noqa: E402
 import safeopt.adapter as sa  # noqa: E402
@@ -30,54 +31,9 @@ F32 = np.float32
 # ---------------------------------------------------------------------------
 # Helpers.
 # ---------------------------------------------------------------------------
-def _mlp(seed: int = 0, regularizer: Any = None) -> Any:
-    keras.utils.set_random_seed(seed)
-    # Non-zero biases: the subgradient of |w| at 0 is 0 in TF and torch but 1 in JAX.
-    reg = {"kernel_regularizer": regularizer, "bias_regularizer": regularizer,
-           "bias_initializer": "random_normal"}
-    return keras.Sequential([
-        keras.Input((6,)),
-        keras.layers.Dense(8, activation="tanh", **reg),
-        keras.layers.Dense(1, **reg),
-    ])
-
-
-def _data(n_batches: int, batch: int = 8, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n_batches, batch, 6)).astype(F32) * 3.0
-    y = rng.normal(size=(n_batches, batch, 1)).astype(F32) * 5.0
-    return x, y
-
-
-def _fit(model: Any, optimizer: Any, x: np.ndarray, y: np.ndarray, keep: Sequence[int],
-         steps_per_execution: int = 1, jit_compile: Any = "auto",
-         callbacks: Sequence[Any] = ()) -> Any:
-    """Trains on batches ``keep`` of ``(x, y)``, in that order, one epoch."""
-    if not model.compiled:
-        model.compile(optimizer=optimizer, loss="mse", steps_per_execution=steps_per_execution,
-                      jit_compile=jit_compile)
-
-    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for i in keep:
-            yield x[i], y[i]
-
-    return model.fit(batches(), steps_per_epoch=len(keep), epochs=1, verbose=0,
-                     callbacks=list(callbacks))
-
-
-def _numpy(values: Sequence[Any]) -> list[np.ndarray]:
-    return [np.array(keras.ops.convert_to_numpy(v)) for v in values]
-
-
 def _state(opt: Any) -> dict[str, np.ndarray]:
     _, state, _ = sa.read_state(opt)
     return {f: np.asarray(v) for f, v in sa.flatten(state).items()}
-
-
-def _assert_bit_equal(got: Sequence[np.ndarray], want: Sequence[np.ndarray], what: str) -> None:
-    assert len(got) == len(want), what
-    for i, (a, b) in enumerate(zip(got, want)):
-        np.testing.assert_array_equal(a, b, err_msg=f"{what}[{i}]", strict=True)
 
 
 # ---------------------------------------------------------------------------
@@ -146,38 +102,18 @@ def _run_case(case: Any, compiled: bool) -> Trace:
     variables = [keras.Variable(p, name=n) for n, p in zip(case.names, case.arrays("params"))]
     opt = safeopt.wrap(keras.optimizers.SGD(learning_rate=1.0), case.policy)
     opt.build(variables)
-    apply = _compiled_apply(opt, variables) if compiled else (
+    apply = compiled_apply(opt, variables) if compiled else (
         lambda grads, loss: opt.apply(grads, variables, loss=loss))
     trace: Trace = []
     for update in case.updates:
-        for var, value in zip(variables, case.set_weights(_numpy(variables), update)):
+        for var, value in zip(variables, case.set_weights(numpy(variables), update)):
             var.assign(value)
         grads = [None if g is None else keras.ops.convert_to_tensor(g)
                  for g in case.grads(update)]
         loss = None if update.loss is None else keras.ops.convert_to_tensor(F32(update.loss))
         error = guarded(lambda grads=grads, loss=loss: apply(grads, loss), lambda: opt)
-        trace.append(snapshot(opt, _numpy(variables), error))
+        trace.append(snapshot(opt, numpy(variables), error))
     return trace
-
-
-def _compiled_apply(opt: Any, variables: list[Any]) -> Any:
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(lambda grads, loss: opt.apply(grads, variables, loss=loss))
-    import jax
-
-    @jax.jit
-    def pure(opt_values: list[Any], params: list[Any], grads: list[Any], loss: Any) -> Any:
-        return opt.stateless_apply(opt_values, grads, params, loss=loss)
-
-    def apply(grads: list[Any], loss: Any) -> None:
-        new_params, new_opt = pure([v.value for v in opt.variables],
-                                   [v.value for v in variables], grads, loss)
-        for var, value in zip(list(variables) + opt.variables, new_params + new_opt):
-            var.assign(value)
-
-    return apply
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -204,7 +140,7 @@ _STATISTICS = ("counters.steps", "counters.norm_clips", "counters.value_clips",
 
 
 def test_nonfinite_batches_in_fit_equal_a_run_without_them() -> None:
-    x, y = _data(30)
+    x, y = data(30)
     bad = {4: math.nan, 5: math.inf, 17: -math.inf, 29: math.nan}
     for i, value in bad.items():
         x[i, 2, 3] = value
@@ -212,14 +148,14 @@ def test_nonfinite_batches_in_fit_equal_a_run_without_them() -> None:
     runs = {}
     for name, keep in (("skipped", range(30)), ("left_out", [i for i in range(30)
                                                              if i not in bad])):
-        model = _mlp()
+        model = mlp()
         opt = safeopt.wrap(keras.optimizers.Adam(1e-2), policy)
-        _fit(model, opt, x, y, list(keep), steps_per_execution=1 if BACKEND == "torch" else 2)
+        fit(model, opt, x, y, list(keep), steps_per_execution=1 if BACKEND == "torch" else 2)
         runs[name] = (model, opt)
     (m_skip, o_skip), (m_ref, o_ref) = runs["skipped"], runs["left_out"]
-    _assert_bit_equal(_numpy(m_skip.weights), _numpy(m_ref.weights), "weights")
-    _assert_bit_equal(_numpy(o_skip.inner_optimizer.variables),
-                      _numpy(o_ref.inner_optimizer.variables), "inner optimizer variables")
+    assert_bit_equal(numpy(m_skip.weights), numpy(m_ref.weights), "weights")
+    assert_bit_equal(numpy(o_skip.inner_optimizer.variables),
+                      numpy(o_ref.inner_optimizer.variables), "inner optimizer variables")
     assert int(keras.ops.convert_to_numpy(o_skip.iterations)) == 26
     s_skip, s_ref = _state(o_skip), _state(o_ref)
     for field in _STATISTICS:
@@ -228,7 +164,7 @@ def test_nonfinite_batches_in_fit_equal_a_run_without_them() -> None:
     stats = safeopt.stats(o_skip)
     assert (stats["skips"], stats["nonfinite"], stats["steps"]) == (4, 4, 26)
     assert stats["norm_clips"] > 0  # the clip was active, so the runs could have differed
-    assert all(np.isfinite(w).all() for w in _numpy(m_skip.weights))
+    assert all(np.isfinite(w).all() for w in numpy(m_skip.weights))
 
 
 # ---------------------------------------------------------------------------
@@ -240,32 +176,32 @@ def test_nonfinite_batches_in_fit_equal_a_run_without_them() -> None:
     ({"clip_norm": None, "clip_value": 0.05}, {"clipvalue": 0.05}),
 ], ids=["global_clipnorm", "clipnorm", "clipvalue"])
 def test_clipping_matches_keras(policy: dict[str, Any], inner_kwargs: dict[str, float]) -> None:
-    x, y = _data(6)
+    x, y = data(6)
     steps = list(range(6))
-    native = _mlp()
-    _fit(native, keras.optimizers.SGD(0.05, momentum=0.9, **inner_kwargs), x, y, steps)
-    wrapped = _mlp()
+    native = mlp()
+    fit(native, keras.optimizers.SGD(0.05, momentum=0.9, **inner_kwargs), x, y, steps)
+    wrapped = mlp()
     opt = safeopt.wrap(keras.optimizers.SGD(0.05, momentum=0.9), policy)
-    _fit(wrapped, opt, x, y, steps)
-    for got, want in zip(_numpy(wrapped.weights), _numpy(native.weights)):
+    fit(wrapped, opt, x, y, steps)
+    for got, want in zip(numpy(wrapped.weights), numpy(native.weights)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     stats = safeopt.stats(opt)
     assert stats["norm_clips"] + stats["value_clips"] > 0  # clipping was active
 
 
 def test_l1_l2_match_keras_regularizers() -> None:
-    x, y = _data(6)
+    x, y = data(6)
     steps = list(range(6))
     l1, l2 = 0.01, 0.05
-    native = _mlp(regularizer=keras.regularizers.L1L2(l1=l1, l2=l2))
-    _fit(native, keras.optimizers.SGD(0.05), x, y, steps)
-    wrapped = _mlp()
-    _fit(wrapped, safeopt.wrap(keras.optimizers.SGD(0.05), {"clip_norm": None, "l1": l1,
+    native = mlp(regularizer=keras.regularizers.L1L2(l1=l1, l2=l2))
+    fit(native, keras.optimizers.SGD(0.05), x, y, steps)
+    wrapped = mlp()
+    fit(wrapped, safeopt.wrap(keras.optimizers.SGD(0.05), {"clip_norm": None, "l1": l1,
                                                             "l2": l2}), x, y, steps)
-    plain = _mlp()
-    _fit(plain, keras.optimizers.SGD(0.05), x, y, steps)
-    for got, want, off in zip(_numpy(wrapped.weights), _numpy(native.weights),
-                              _numpy(plain.weights)):
+    plain = mlp()
+    fit(plain, keras.optimizers.SGD(0.05), x, y, steps)
+    for got, want, off in zip(numpy(wrapped.weights), numpy(native.weights),
+                              numpy(plain.weights)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         assert not np.allclose(want, off, rtol=1e-5, atol=1e-6)  # the penalty mattered
 
@@ -275,15 +211,15 @@ def test_l1_l2_match_keras_regularizers() -> None:
 # ---------------------------------------------------------------------------
 @pytest.mark.skipif(BACKEND == "torch", reason="torch.compile of the train step is not covered")
 def test_jit_compile_fit_matches_the_step_without_xla() -> None:
-    x, y = _data(4)
+    x, y = data(4)
     x[1, 0, 0] = math.nan
     results = []
     for jit in (True, False):
-        model = _mlp()
+        model = mlp()
         opt = safeopt.wrap(keras.optimizers.Adam(1e-2), {"clip_norm": 0.5})
-        _fit(model, opt, x, y, list(range(4)), jit_compile=jit)
+        fit(model, opt, x, y, list(range(4)), jit_compile=jit)
         assert safeopt.stats(opt)["skips"] == 1
-        results.append(_numpy(model.weights))
+        results.append(numpy(model.weights))
     for got, want in zip(*results):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -305,24 +241,24 @@ def test_get_config_round_trip_nests_the_inner_optimizer() -> None:
 
 
 def test_save_load_resumes_from_the_same_optimizer_state(tmp_path: Any) -> None:
-    x, y = _data(10)
+    x, y = data(10)
     x[2, 0, 0] = math.nan  # a skip before the save, so the counters are non-trivial
     policy = {"clip_norm": 0.5, "clip_value": 1.0}
-    whole = _mlp()
-    _fit(whole, safeopt.wrap(keras.optimizers.Adam(1e-2), policy), x, y, list(range(10)))
+    whole = mlp()
+    fit(whole, safeopt.wrap(keras.optimizers.Adam(1e-2), policy), x, y, list(range(10)))
 
-    first = _mlp()
+    first = mlp()
     opt = safeopt.wrap(keras.optimizers.Adam(1e-2), policy)
-    _fit(first, opt, x, y, list(range(5)))
+    fit(first, opt, x, y, list(range(5)))
     path = tmp_path / "m.keras"
     first.save(path)
     loaded = keras.models.load_model(path)
     assert isinstance(loaded.optimizer, safeopt_keras.SafeOptimizer)
     assert loaded.optimizer.policy == opt.policy
-    _assert_bit_equal(_numpy(loaded.optimizer.variables), _numpy(opt.variables),
+    assert_bit_equal(numpy(loaded.optimizer.variables), numpy(opt.variables),
                       "optimizer variables after load")
-    _fit(loaded, None, x, y, list(range(5, 10)))
-    for got, want in zip(_numpy(loaded.weights), _numpy(whole.weights)):
+    fit(loaded, None, x, y, list(range(5, 10)))
+    for got, want in zip(numpy(loaded.weights), numpy(whole.weights)):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert safeopt.stats(loaded.optimizer)["skips"] == 1
     assert safeopt.stats(loaded.optimizer)["steps"] == 9
@@ -335,23 +271,23 @@ def test_save_load_resumes_from_the_same_optimizer_state(tmp_path: Any) -> None:
 def test_consecutive_skips_raise_divergence_error(with_guard: bool) -> None:
     if not with_guard and BACKEND != "torch":
         pytest.skip("compiled steps raise through safeopt_keras.DivergenceGuard")
-    x, y = _data(12)
+    x, y = data(12)
     x[3:, 0, 0] = math.nan
-    model = _mlp()
+    model = mlp()
     opt = safeopt.wrap(keras.optimizers.SGD(0.01), {"max_consecutive_skips": 4})
     callbacks = [safeopt_keras.DivergenceGuard()] if with_guard else []
     with pytest.raises(safeopt.DivergenceError) as err:
-        _fit(model, opt, x, y, list(range(12)), callbacks=callbacks)
+        fit(model, opt, x, y, list(range(12)), callbacks=callbacks)
     assert err.value.stats["consecutive_skips"] == 4
     assert safeopt.stats(opt)["steps"] == 3
-    assert all(np.isfinite(w).all() for w in _numpy(model.weights))
+    assert all(np.isfinite(w).all() for w in numpy(model.weights))
 
 
 def test_monitor_statistics_and_names() -> None:
-    x, y = _data(7)
-    model = _mlp()
+    x, y = data(7)
+    model = mlp()
     opt = safeopt.wrap(keras.optimizers.SGD(0.01), {"clip_norm": 1.0, "monitor_every": 3})
-    _fit(model, opt, x, y, list(range(7)))
+    fit(model, opt, x, y, list(range(7)))
     _, state, extra = sa.read_state(opt)
     assert extra["names"] == [v.path for v in model.trainable_variables]
     assert extra["path"] == f"{BACKEND}-cond"

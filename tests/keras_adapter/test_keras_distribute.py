@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from safeopt.testing.cases import STREAK
+
 keras = pytest.importorskip("keras")
 
 if keras.backend.backend() != "tensorflow":
@@ -44,3 +46,15 @@ def test_nan_in_one_replica_skips_everywhere(mirrored: dict) -> None:
     assert mirrored["nan_finite"]
     assert mirrored["nan_vs_left_out"] < 1e-6
     assert all(mirrored["replicas_equal"])
+
+
+def test_a_nan_streak_in_the_replicas_recovers_on_every_replica(mirrored: dict) -> None:
+    stats = mirrored["recover_stats"]
+    assert stats == mirrored["recover_stats_single"]  # the same decisions as on one device
+    assert stats["recoveries"] == 1
+    assert stats["last_recovery"] == {"at": 4, "restored_to": 2, "cause": [STREAK]}
+    assert (stats["steps"], stats["skips"], stats["rolled_back"]) == (4, 2, 2)
+    assert mirrored["recover_vs_single"] < 1e-6
+    assert mirrored["recover_finite"]
+    assert all(mirrored["replicas_equal"])
+

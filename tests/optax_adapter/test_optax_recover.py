@@ -14,6 +14,7 @@ import pytest
 import safeopt
 import safeopt.adapter as sa
 import safeopt_optax
+from safeopt.testing.cases import STREAK, WEIGHTS
 
 NAN = float("nan")
 POLICY = {"recover": True, "snapshot_every": 2, "clip_norm": None, "monitor_every": 1,
@@ -89,7 +90,7 @@ def test_a_poisoned_weight_is_restored_bit_for_bit(bad):
     _bits_equal(run.state.inner, snap_inner)
     stats = safeopt.check(run.state)
     assert stats["recoveries"] == 1
-    assert stats["last_recovery"] == {"at": 3, "restored_to": 2}
+    assert stats["last_recovery"] == {"at": 3, "restored_to": 2, "cause": [WEIGHTS]}
     assert stats["rolled_back"] == 1 and stats["skips"] == 1 and stats["steps"] == 3
     run.step(_grads(4))  # and training goes on from there, without a warning
     assert np.isfinite(np.asarray(run.params["w"])).all()
@@ -108,7 +109,7 @@ def test_a_nan_streak_longer_than_the_limit_recovers():
     _bits_equal(run.state.inner, run.before[2][1])
     stats = safeopt.check(run.state)  # recovered: no divergence
     assert (stats["recoveries"], stats["consecutive_skips"], stats["skips"]) == (1, 0, 3)
-    assert stats["last_recovery"] == {"at": 5, "restored_to": 2}
+    assert stats["last_recovery"] == {"at": 5, "restored_to": 2, "cause": [STREAK]}
     assert stats["rolled_back"] == 3
 
 

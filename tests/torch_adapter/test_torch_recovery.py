@@ -10,6 +10,7 @@ from test_torch_divergence_guard import SlowEvent
 from torch_helpers import assert_same_params, batches, model
 
 import safeopt
+from safeopt.testing.cases import STREAK
 from safeopt_torch import SafeOptimizer
 from safeopt_torch._watch import StreakWatch
 
@@ -62,7 +63,7 @@ def test_a_nan_streak_longer_than_the_limit_is_rolled_back_bit_for_bit(fused: bo
             assert torch.equal(restored[key], saved[key]), key
     stats = safeopt.stats(opt)
     assert stats["recoveries"] == 1 and stats["consecutive_skips"] == 0
-    assert stats["last_recovery"] == {"at": 8, "restored_to": 4}
+    assert stats["last_recovery"] == {"at": 8, "restored_to": 4, "cause": [STREAK]}
     assert stats["rolled_back"] == 4 and stats["skips"] == 3
     for batch in data[9:14]:
         _step(net, opt, batch)
@@ -99,8 +100,12 @@ def test_a_poisoned_weight_is_restored_and_recoveries_run_out_with_a_named_error
         else:
             with pytest.raises(safeopt.DivergenceError, match="after 2 recoveries") as err:
                 _step(net, opt, data[5 + round_])
-            assert "max_recoveries=2" in str(err.value) and "went back to update" in str(
-                err.value)
+            message = str(err.value)
+            assert "max_recoveries=2" in message and "went back to update" in message
+            assert "the weights went NaN/Inf" in message  # what fired
+            diagnosis = str(err.value.diagnosis)
+            assert "Recovered 2 times from a snapshot" in diagnosis
+            assert "with no recovery left" in diagnosis and "the weights went NaN/Inf" in diagnosis
 
 
 def test_on_an_accelerator_the_restore_comes_lag_updates_late_and_rolls_those_back() -> None:
@@ -115,7 +120,7 @@ def test_on_an_accelerator_the_restore_comes_lag_updates_late_and_rolls_those_ba
         _step(net, opt, batch, nan=i in (6, 7, 8))  # the streak reaches the limit at 8
     stats = safeopt.stats(opt)  # read at update 10, 2 updates late: 9 and 10 rolled back too
     assert stats["recoveries"] == 1
-    assert stats["last_recovery"] == {"at": 10, "restored_to": 4}
+    assert stats["last_recovery"] == {"at": 10, "restored_to": 4, "cause": [STREAK]}
     assert_same_params(net, snapshot_net)
 
 
@@ -128,3 +133,52 @@ def test_skip_after_recovery_drops_the_batches_after_each_restore() -> None:
         _step(net, opt, batch, nan=index == 5)  # recovers at once (limit 1)
     assert used == [0, 1, 2, 3, 4, 5, 9, *range(10, 20)]
     assert safeopt.stats(opt)["recoveries"] == 1
+
+
+def test_telemetry_records_what_fired_and_what_was_rolled_back() -> None:
+    data = batches(12)
+    net, opt = _wrapped(False, "host", log_every=1)
+    records: list[dict] = []
+
+    class Sink:
+        def write(self, record: dict) -> None:
+            records.append(record)
+
+    sink = safeopt.telemetry.add_sink(Sink())
+    try:
+        for i, batch in enumerate(data[:10]):
+            _step(net, opt, batch, nan=i in (5, 6, 7))  # the streak reaches 3 at update 7
+    finally:
+        safeopt.telemetry.remove_sink(sink)
+    assert [r["recoveries"] for r in records] == [0] * 7 + [1] * 3
+    assert records[7]["last_recovery"] == {"at": 7, "restored_to": 4, "cause": [STREAK]}
+    assert records[7]["rolled_back"] == 3 and records[6]["last_recovery"] is None
+
+
+def test_snapshots_reuse_their_host_buffers_and_stay_exact() -> None:
+    data = batches(14)
+    net, opt = _wrapped(False, "host", snapshot_every=2)
+    recovery = opt._run.recovery
+    pointers = []
+    for batch in data[:10]:  # updates 0-9: snapshots before updates 0, 2, 4, 6, 8
+        _step(net, opt, batch)
+        assert recovery.held is not None
+        pointers.append(recovery.held[0][0][0].data_ptr())
+    # host decisions: a new snapshot is known good before it is taken, so it is
+    # written over the old one's buffers
+    assert len(set(pointers)) == 1
+    expected = [p.detach().clone() for p in net.parameters()]  # the snapshot before update 10
+    _step(net, opt, data[10])
+    for batch in data[11:14]:
+        _step(net, opt, batch, nan=True)  # a streak of 3 restores it
+    assert safeopt.stats(opt)["last_recovery"]["restored_to"] == 10
+    for p, want in zip(net.parameters(), expected):
+        assert torch.equal(p, want)
+
+
+def test_the_recovery_cost_benchmark_runs() -> None:
+    from safeopt_bench import recovery_cost
+
+    out = recovery_cost.main(["--params", "2000", "--tensors", "4", "--rounds", "1"])
+    assert set(out) == {"bare", "safeopt", "recover", "snapshot every step",
+                        "restore every step"}

@@ -52,9 +52,23 @@ class RecoveryState(NamedTuple):
     count: Array  # int32: values in the baseline
     bad_run: Array  # int32: updates in a row that were spikes or carried NaN/Inf
     exhausted: Array  # int32: 1 once a divergence came with no recovery left
+    last_cause: Array  # int32: what fired at the last divergence (bits of :data:`CAUSES`), or 0
 
 
-SKIPPABLE = frozenset({"bad_run", "exhausted"})
+SKIPPABLE = frozenset({"bad_run", "exhausted", "last_cause"})
+
+#: What can make the run diverge, by bit of ``RecoveryState.last_cause``.
+CAUSES: dict[int, str] = {
+    1: "max_consecutive_skips updates in a row were skipped",
+    2: "the watched value (the loss when given, else the gradient norm) stayed above its "
+       "baseline or was NaN/Inf for recover_patience updates in a row",
+    4: "the weights went NaN/Inf",
+}
+
+
+def cause_names(bits: int) -> list[str]:
+    """What ``last_cause`` says fired, in words (empty for 0)."""
+    return [text for bit, text in CAUSES.items() if bits & bit]
 _FLOATS = frozenset({"mean", "var"})
 _MINUS_ONE = frozenset({"last_from", "last_at", "snapshot_at"})
 
@@ -100,10 +114,14 @@ def plan(xp: Namespace, policy: Policy, st: RecoveryState, seen: Observed, stats
     bad = xp.logical_or(xp.logical_not(seen.finite), spike)
     bad_run = xp.where(bad, st.bad_run + 1, 0 * st.bad_run)
     weights_bad = _weights_nonfinite(xp, stats)
-    trigger = xp.logical_or(weights_bad, bad_run >= policy.recover_patience)
+    patience = bad_run >= policy.recover_patience
+    trigger = xp.logical_or(weights_bad, patience)
+    zero = 0 * st.last_cause  # int32, like every bit below
+    cause = xp.where(patience, zero + 2, zero) + xp.where(weights_bad, zero + 4, zero)
     if policy.max_consecutive_skips is not None:
         too_long = xp.logical_and(skip, streak >= policy.max_consecutive_skips)
         trigger = xp.logical_or(trigger, too_long)
+        cause = cause + xp.where(too_long, zero + 1, zero)
     healthy = xp.logical_not(xp.logical_or(xp.logical_or(bad, weights_bad), skip))
     on_cadence = seen.t % policy.snapshot_every == 0
     snapshot = xp.logical_and(xp.logical_and(on_cadence, healthy), xp.logical_not(trigger))
@@ -119,7 +137,8 @@ def plan(xp: Namespace, policy: Policy, st: RecoveryState, seen: Observed, stats
         count=count_if(xp, st.count, take), bad_run=bad_run,
         snapshot_at=xp.where(snapshot, seen.t, st.snapshot_at),
         exhausted=xp.where(xp.logical_and(trigger, out_of), 1 + 0 * st.exhausted,
-                           st.exhausted))
+                           st.exhausted),
+        last_cause=xp.where(trigger, cause, st.last_cause))
     return Plan(trigger, snapshot, lr_factor(xp, policy, st, seen.t), new)
 
 

@@ -21,8 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from safeopt._features.recovery import CAUSES
+
 Arrays = tuple[Any, ...]
 NAN, INF = math.nan, math.inf
+#: What fired at a divergence, as ``stats()`` names it (``divergence_cause``).
+STREAK, PATIENCE, WEIGHTS = (CAUSES[1], CAUSES[2], CAUSES[4])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,14 +286,15 @@ CASES: tuple[Case, ...] = (
          # the snapshot before update 2 holds 0.0; then lr x0.325 and x0.55 (warm-up of 4)
          final=((0.0 - 0.325 * 0.5 - 0.55 * 0.5,),),
          counters={"recoveries": 1, "rolled_back": 3, "skips": 3, "consecutive_skips": 0,
-                   "last_recovery": {"at": 5, "restored_to": 2}}),
+                   "last_recovery": {"at": 5, "restored_to": 2, "cause": [STREAK]}}),
     Case("poisoned_weight_recovers", {"recover": True, "snapshot_every": 2, "clip_norm": None,
                                       "monitor_every": 1},
          ((1.0, 1.0),),
          (Update(((0.1, 0.1),)), Update(((0.1, 0.1),)), Update(((0.1, 0.1),)),
           Update(((0.1, 0.1),), weights={0: (NAN, 1.0)}), Update(((0.1, 0.1),))),
          skipped=(False, False, False, True, False),
-         counters={"recoveries": 1, "last_recovery": {"at": 3, "restored_to": 2}},
+         counters={"recoveries": 1, "divergence_cause": [WEIGHTS],
+                   "last_recovery": {"at": 3, "restored_to": 2, "cause": [WEIGHTS]}},
          signs={"c": 3}),
     Case("loss_spike_run_recovers", {"recover": True, "snapshot_every": 2, "clip_norm": None,
                                      "spike_warmup": 3, "spike_window": 8,
@@ -299,14 +304,14 @@ CASES: tuple[Case, ...] = (
          skipped=(False,) * 5 + (True, False),
          final=((-0.2 - 0.109 * 0.1,),),  # back to the snapshot before update 2, lr x0.109
          counters={"recoveries": 1, "rolled_back": 3,
-                   "last_recovery": {"at": 5, "restored_to": 2}}),
+                   "last_recovery": {"at": 5, "restored_to": 2, "cause": [PATIENCE]}}),
     Case("recoveries_run_out", {"recover": True, "snapshot_every": 1, "clip_norm": None,
                                 "max_consecutive_skips": 2, "max_recoveries": 1},
          ((1.0,),),
          (Update(((0.5,),)), Update(((NAN,),)), Update(((NAN,),)), Update(((0.5,),)),
           Update(((NAN,),)), Update(((NAN,),))),
          skipped=(False, True, True, False, True, True), diverges_at=5,
-         counters={"recoveries": 1}),
+         counters={"recoveries": 1, "recovery_exhausted": True, "divergence_cause": [STREAK]}),
     Case("nan_streak_diverges", {"clip_norm": 1.0, "max_consecutive_skips": 3},
          ((1.0,),), (Update(((0.5,),)), *(Update(((NAN,),)) for _ in range(4))),
          skipped=(False, True, True, True, True), diverges_at=3, final=((0.5,),),
