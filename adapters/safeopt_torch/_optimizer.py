@@ -300,9 +300,10 @@ class SafeOptimizer(torch.optim.Optimizer):
                 closure_loss = closure()
         elif loss is None and not torch.compiler.is_compiling() and self._state_init():
             return None
-        run = self._run
-        given = next((x for x in (loss, closure_loss, run.pending_loss) if x is not None), None)
-        run.pending_loss = None
+        given = next((x for x in (loss, closure_loss, self._run.pending_loss) if x is not None),
+                     None)
+        if self._run.pending_loss is not None:  # no write when none: under torch.compile an
+            self._run.pending_loss = None  # unconditional one lost the compiled step's state
         if torch.compiler.is_compiling():
             if not self._inner_ready:
                 raise RuntimeError(
@@ -367,10 +368,8 @@ class SafeOptimizer(torch.optim.Optimizer):
         to :meth:`step` (or returned by its closure) wins; either way it is
         used for one step.
 
-        A trainer's wrapper around this optimizer (Lightning's
-        ``LightningOptimizer``, which subclasses this class and reads the
-        rest through) hands the loss on too: it is kept with safeopt's state
-        (the runner the wrapper reads through), not on the instance called.
+        Kept with safeopt's state, so that a trainer's wrapper around this
+        optimizer (Lightning's ``LightningOptimizer``) hands the loss on too.
         """
         self._run.pending_loss = loss
 
