@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import safeopt
+from safeopt.adapter import PRESETS
 from safeopt_bench import text
 
 HYPER: dict[str, Any] = {
@@ -127,6 +128,7 @@ SAFEOPT_POLICIES: dict[str, dict[str, Any]] = {
     "safeopt adaptive": {"adaptive": "zscore"},
     "safeopt spike skipping": {"spike_skip": "loss"},
     "safeopt recovery": {"recover": True},
+    "safeopt robust": dict(PRESETS["robust"]),
 }
 """Each safeopt configuration's policy (safeopt's defaults otherwise)."""
 

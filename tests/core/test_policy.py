@@ -92,6 +92,8 @@ def test_presets() -> None:
     assert off.is_noop and not Policy().is_noop
     with pytest.raises(PolicyError, match="did you mean 'default'"):
         load_policy("defualt")
+    robust = load_policy("robust")  # recovery and gradient-norm spike skipping on top of clipping
+    assert robust.recover and robust.spike_skip == "grad_norm" and robust.clip_norm == 1.0
 
 
 def test_toml_table_and_top_level(tmp_path) -> None:
