@@ -365,3 +365,18 @@ def test_flax_nnx_optimizer_is_told_and_the_functional_path_is_exact():
         state = exact_step(model, state, x)
     _bits_equal(model.kernel[...], held[2])
     assert safeopt.stats(state)["recoveries"] == 1
+
+
+def test_recovery_cost_benchmark_runs_and_measures_the_snapshot(capsys: pytest.CaptureFixture
+                                                                 ) -> None:
+    from safeopt_bench import recovery_cost_optax
+
+    out = recovery_cost_optax.main(["--params", "4000", "--tensors", "4", "--rounds", "2"])
+    assert set(out) == {"bare", "safeopt", "recover", "snapshot every step"}
+    assert out["bare"] == 1.0 and all(np.isfinite(v) and v > 0 for v in out.values())
+    params = {"w": jnp.zeros((1000,)), "b": jnp.zeros((3,))}
+    # AdamW: the snapshot holds the parameters, both moments and the step count
+    extra = recovery_cost_optax.snapshot_bytes(recovery_cost_optax.candidates()["recover"](),
+                                               params)
+    assert 3 * 1003 * 4 <= extra < 3 * 1003 * 4 + 1024  # and safeopt's small state
+    assert "snapshot memory" in capsys.readouterr().out
