@@ -22,7 +22,14 @@ decision and, on the steps that clip, the scale handed to the fused kernel
 
 Target (issue 14): ``safeopt`` at most 1.02x ``bare``, printed beside the
 ratio. Run: ``python -m safeopt_bench.train_step_torch [--rounds N]
-[--d-model D] [--layers L] [--threads T] [--json PATH]``.
+[--d-model D] [--layers L] [--threads T] [--json PATH] [--norm-experiment]``.
+
+``--norm-experiment`` adds two candidates that take the bare step after
+reading the global gradient norm, at step time or in post-accumulate-grad
+hooks during backward (:data:`EXPERIMENTS`): whether folding the norm into
+backward would make the wrapper cheaper. Measured 2026-12-02 (2 threads,
+the default model): at step time 1.029-1.031x bare, in hooks 1.039-1.049x, so the
+wrapper keeps reading the norm at step time (one ``_foreach_norm``).
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ from safeopt_bench.lm import TinyLM
 #: ``safeopt / bare`` at most this (issue 14).
 TARGET = 1.02
 CANDIDATES = ("bare", "safeopt", "clip_grad_norm_")
+#: ``--norm-experiment``: where to read the gradient norm, at step time or during backward.
+EXPERIMENTS = ("norm at step", "norm in hooks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,13 +113,45 @@ def _train_step(model: TinyLM, opt: torch.optim.Optimizer,
     return step
 
 
-def build(shape: Shape = Shape(), seed: int = 0) -> Bench:
-    """Each candidate's model, optimizer and training step, all from ``seed``."""
+def _norm_updates(models: dict[str, torch.nn.Module], opts: dict[str, torch.optim.Optimizer],
+                  ) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """The :data:`EXPERIMENTS`: the global squared norm read at step time, or in backward.
+
+    ``norm in hooks`` computes each gradient's norm in a post-accumulate-grad
+    hook, while the gradient is still in cache (the folding issue 14 asks to
+    try); ``norm at step`` reads all of them with one ``_foreach_norm`` after
+    backward, as the wrapper does. Both then take the bare step.
+    """
+    at_step = [p for p in models["norm at step"].parameters()]
+    hooked = list(models["norm in hooks"].parameters())
+    norms: list[torch.Tensor | None] = [None] * len(hooked)
+    for k, p in enumerate(hooked):
+        p.register_post_accumulate_grad_hook(
+            lambda p, k=k: norms.__setitem__(k, torch.linalg.vector_norm(p.grad)))
+
+    def read_at_step(loss: torch.Tensor) -> torch.Tensor:
+        total = torch.stack(torch._foreach_norm([p.grad for p in at_step])).square().sum()
+        opts["norm at step"].step()
+        return total
+
+    def read_in_hooks(loss: torch.Tensor) -> torch.Tensor:
+        total = torch.stack([n for n in norms if n is not None]).square().sum()
+        opts["norm in hooks"].step()
+        return total
+    return {"norm at step": read_at_step, "norm in hooks": read_in_hooks}
+
+
+def build(shape: Shape = Shape(), seed: int = 0, experiments: bool = False) -> Bench:
+    """Each candidate's model, optimizer and training step, all from ``seed``.
+
+    With ``experiments``, the :data:`EXPERIMENTS` join the candidates.
+    """
     if shape.d_model % shape.heads:
         raise ValueError(f"`d_model` must be a multiple of `heads` ({shape.heads}). Received: "
                          f"d_model={shape.d_model}; pick a multiple of {shape.heads}.")
     batches = _Batches(shape, seed + 1)
-    models = {name: _model(shape, seed) for name in CANDIDATES}
+    names = CANDIDATES + (EXPERIMENTS if experiments else ())
+    models = {name: _model(shape, seed) for name in names}
     opts = {name: torch.optim.AdamW(m.parameters(), lr=3e-4, fused=True)
             for name, m in models.items()}
     wrapped = safeopt.wrap(opts["safeopt"], "default")
@@ -124,14 +165,15 @@ def build(shape: Shape = Shape(), seed: int = 0) -> Bench:
         "bare": lambda loss: opts["bare"].step(),
         "safeopt": lambda loss: wrapped.step(loss=loss),
         "clip_grad_norm_": clip_then_step,
+        **(_norm_updates(models, opts) if experiments else {}),
     }
     steps = {name: _train_step(models[name], opts[name], batches.stream(), updates[name])
-             for name in CANDIDATES}
+             for name in names}
     return Bench(steps=steps, models=models, wrapped=wrapped)
 
 
 def measure(shape: Shape = Shape(), rounds: int = 30, warmup: int = 3,
-            seed: int = 0) -> dict[str, Any]:
+            seed: int = 0, experiments: bool = False) -> dict[str, Any]:
     """Median milliseconds per training step of each candidate, and ratios to ``bare``.
 
     Returns:
@@ -140,7 +182,7 @@ def measure(shape: Shape = Shape(), rounds: int = 30, warmup: int = 3,
       (the wrapped optimizer's :func:`safeopt.stats` after the run: its steps,
       clips and path).
     """
-    bench = build(shape, seed)
+    bench = build(shape, seed, experiments)
     medians = interleaved(bench.steps, warmup=warmup, rounds=rounds)
     rel = ratios(medians, "bare")
     return {
@@ -150,7 +192,7 @@ def measure(shape: Shape = Shape(), rounds: int = 30, warmup: int = 3,
         **dataclasses.asdict(shape), "threads": torch.get_num_threads(),
         "rounds": rounds, "warmup": warmup, "target": TARGET,
         "candidates": {name: {"median_ms": medians[name] * 1e3, "ratio": rel[name]}
-                       for name in CANDIDATES},
+                       for name in bench.steps},
         "safeopt_stats": _plain(safeopt.stats(bench.wrapped)),
     }
 
@@ -189,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="torch intra-op threads (default: torch's current count, "
                              "%(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="write the numbers here")
+    parser.add_argument("--norm-experiment", action="store_true",
+                        help=f"also time {' and '.join(EXPERIMENTS)} (the bare step after "
+                             "reading the gradient norm at step time, or in backward hooks)")
     args = parser.parse_args(argv)
     if args.d_model % args.heads:
         parser.error(f"`--d-model` must be a multiple of `--heads`. Received: "
@@ -197,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        result = measure(shape, rounds=args.rounds)
+        result = measure(shape, rounds=args.rounds, experiments=args.norm_experiment)
     finally:
         torch.set_num_threads(threads)
     print(table(result), flush=True)

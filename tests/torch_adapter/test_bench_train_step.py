@@ -83,3 +83,19 @@ def test_heads_must_divide_d_model() -> None:
         bench.build(bench.Shape(d_model=16, layers=1, heads=3, context=8, batch=2))
     with pytest.raises(SystemExit):
         bench.main(["--d-model", "16", "--heads", "3", "--rounds", "1"])
+
+
+
+def test_norm_experiment_reads_the_same_norm_at_step_time_and_in_hooks() -> None:
+    built = bench.build(TINY, experiments=True)
+    assert list(built.steps) == [*bench.CANDIDATES, *bench.EXPERIMENTS]
+    models = {name: bench._model(TINY, 0) for name in bench.EXPERIMENTS}
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-3) for name, m in models.items()}
+    updates = bench._norm_updates(models, opts)
+    x = torch.randint(0, 256, (TINY.batch, TINY.context + 1), generator=torch.Generator())
+    for name, model in models.items():
+        F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+        want = torch.stack([p.grad.norm() for p in model.parameters()]).square().sum()
+        got = updates[name](torch.zeros(()))  # reads the norm, then takes the bare step
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(_flat(models["norm at step"]), _flat(models["norm in hooks"]))
