@@ -6,14 +6,20 @@ import subprocess
 import sys
 
 
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    """Runs ``code`` in a fresh interpreter; fails the test on a non-zero exit."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
 def test_import_safeopt_after_torch_does_not_load_the_torch_adapter() -> None:
     code = ("import sys, torch, safeopt\n"
             "print(sorted(m for m in sys.modules if m.startswith('safeopt_')))\n"
             "opt = safeopt.wrap(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))\n"
             "print('safeopt_torch' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=False)
-    assert out.returncode == 0, out.stderr
+    out = _python(code)
     assert out.stdout.split("\n")[:2] == ["[]", "True"]
 
 
@@ -30,9 +36,7 @@ def test_the_adapter_does_not_import_dtensor_for_plain_parameters() -> None:
             "batch = _batch.collect(groups, torch.device('cpu'), sharded, {})\n"
             "print(sharded, len(batch.grads), _batch.local(p) is p,\n"
             "      'torch.distributed.tensor' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=False)
-    assert out.returncode == 0, out.stderr
+    out = _python(code)
     assert out.stdout.split() == ["False", "1", "True", "False"]
 
 
@@ -42,7 +46,5 @@ def test_dtensor_parameters_are_recognised_once_their_module_is_imported() -> No
             "print(b.dtensor_type() is None, b.is_dtensor(p))\n"
             "from torch.distributed.tensor import DTensor\n"
             "print(b.dtensor_type() is DTensor, b.is_dtensor(p))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=False)
-    assert out.returncode == 0, out.stderr
+    out = _python(code)
     assert out.stdout.split("\n")[:2] == ["True False", "True False"]
