@@ -18,7 +18,7 @@ from torch import Tensor
 
 import safeopt.adapter as sa
 from safeopt import Policy
-from safeopt_torch import _batch, _compiled, _paths
+from safeopt_torch import _batch, _compiled, _paths, _stages
 from safeopt_torch._kernels import IndexCache, TorchKernels
 from safeopt_torch._recover import TorchRecovery
 from safeopt_torch._stages import Stages
@@ -155,6 +155,8 @@ class Runner:
                                  n_tensors=self.n_tensors, due=due)
         if self.stages is not None:  # the whole model's statistics, from every stage's
             stats = self.stages.combine(stats, self.device)
+        if stats.loss is not None:  # one loss for every data-parallel replica
+            stats = stats._replace(loss=_stages.mean_over_ranks(stats.loss))
         if self.on_host:
             return _paths.host(self, k, grads, stats, inner_step, fused, amp_scale, amp_inf)
         return _paths.device(self, k, grads, stats, inner_step, fused, inner_ready, amp_scale,

@@ -120,3 +120,24 @@ def _first_loss(values: Tensor, given: Tensor, given_here: bool) -> Tensor | Non
         return None
     first = torch.logical_and(given > 0, torch.cumsum(given, 0) == 1)
     return torch.where(first, values, torch.zeros_like(values)).sum()
+
+
+def mean_over_ranks(loss: Tensor) -> Tensor:
+    """``loss`` averaged over every rank of the default process group (as is outside one).
+
+    Data parallelism gives each rank the loss of its own batch, while the
+    gradients the decision reads are the same everywhere (all-reduced by DDP,
+    summed over the shards under FSDP2). The loss-based rules (``spike_skip=
+    "loss"``, a NaN/Inf loss, recovery's patience, the loss signs) would then
+    decide differently on different ranks and the replicas would drift apart;
+    one all-reduce of the loss keeps the decision the same on every rank.
+    Every rank must pass a loss on the same steps (as backward under DDP must
+    run on every rank). A NaN/Inf loss on one rank makes the mean non-finite:
+    every rank skips, as with a NaN gradient. (The compiled step takes the
+    loss as given: under ``torch.compile`` pass the replicas' mean yourself.)
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return loss
+    total = loss.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / dist.get_world_size()

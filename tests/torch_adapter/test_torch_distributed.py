@@ -31,3 +31,15 @@ def test_nan_on_one_rank_skips_everywhere(mode: str, fused: bool, two_ranks: Pat
     for a, b in zip(results[0]["params"], results[1]["params"]):
         assert torch.equal(a, b)
     assert str(results[0]["norms"]) == str(results[1]["norms"])
+
+
+def test_a_loss_bad_on_one_rank_skips_on_every_rank(two_ranks: Path) -> None:
+    results = torch_dist_worker.load(two_ranks, "loss_on_one_rank", 2)
+    for result in results:
+        stats = result["stats"]
+        assert (stats["skips"], stats["nonfinite"]) == (1, 1)  # the same step on both ranks
+        # the loss the policy saw is the ranks' mean, the same everywhere
+        assert stats["last_loss"] == pytest.approx(
+            sum(r["losses"][-1] for r in results) / 2, rel=1e-6)
+    for a, b in zip(results[0]["params"], results[1]["params"]):
+        assert torch.equal(a, b)  # the replicas did not drift apart

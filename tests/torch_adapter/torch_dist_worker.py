@@ -22,7 +22,8 @@ import safeopt
 
 #: ``module:function`` jobs, by number of processes; each is called as ``job(rank, out_dir)``.
 JOBS = {
-    2: ("torch_dist_worker:ddp_fsdp", "torch_dcp_worker:dcp_job", "torch_parallel_worker:pipeline",
+    2: ("torch_dist_worker:ddp_fsdp", "torch_dist_worker:loss_on_one_rank",
+        "torch_dcp_worker:dcp_job", "torch_parallel_worker:pipeline",
         "torch_parallel_worker:refusals"),
     4: ("torch_parallel_worker:tp_fsdp", "torch_parallel_worker:pp_fsdp"),
 }
@@ -79,6 +80,28 @@ def train(rank: int, mode: str, fused: bool) -> dict[str, Any]:
         "norms": norms,
         "params": [full(p).detach().clone() for p in net.parameters()],
     }
+
+
+def loss_on_one_rank(rank: int, out_dir: str) -> dict[str, Any]:
+    """DDP with the loss handed to ``step``: rank 1's loss is NaN at :data:`POISONED_STEP`.
+
+    The gradients are finite everywhere (DDP averages them); only one rank's
+    loss says the step is bad, so the ranks agree only if they share the loss.
+    """
+    torch.manual_seed(0)
+    net = _parallel(model(), "ddp")
+    opt = safeopt.wrap(torch.optim.AdamW(net.parameters(), lr=1e-2, fused=True),
+                       {"clip_norm": 1.0})
+    losses = []
+    for i, (x, y) in enumerate(batches(STEPS, seed=10 + rank)):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(net(x), y)
+        loss.backward()
+        given = loss.detach() * math.nan if i == POISONED_STEP and rank == 1 else loss.detach()
+        losses.append(float(given))
+        opt.step(loss=given)
+    return {"stats": safeopt.stats(opt), "losses": losses,
+            "params": [p.detach().clone() for p in net.parameters()]}
 
 
 def _parallel(net: torch.nn.Module, mode: str) -> torch.nn.Module:
