@@ -179,7 +179,8 @@ HEALTHY: dict[str, Callable[[int, str], tuple[safeopt.Diagnosis, float]]] = {
 }
 
 
-@pytest.mark.parametrize(("name", "preset"), [(name, "default") for name in HEALTHY]
+@pytest.mark.parametrize(("name", "preset"), [(name, p) for name in HEALTHY
+                                               for p in ("default", "robust")]
                          + [("ReLU MLP + Adam", "off"), ("ReLU MLP + SGD", "off")])
 def test_healthy_runs_get_no_sign_and_no_remedy(name: str, preset: str) -> None:
     torch.manual_seed(0)
