@@ -25,7 +25,7 @@ import dataclasses
 import importlib.util
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,15 @@ HYPER: dict[str, Any] = {
 QUICK: dict[str, Any] = {**HYPER, "d_model": 32, "layers": 1, "heads": 2, "context": 32,
                          "batch": 4, "steps": 30, "warmup": 5, "lr": 3e-3, "val_windows": 16}
 """A tiny model and a few steps: for CI (checks that everything runs, measures nothing)."""
+
+EPISODE: dict[str, Any] = {**HYPER, "lr": 1e-2, "episode": (500, 40), "skip_after_recovery": 100}
+"""The bad-data episode (``--tasks lm-episode``): at the best learning rate of the
+calibration, batches 500-539 of the stream are uniform random bytes (a corrupt shard),
+and a configuration that recovers drops the next 100 batches after each restore
+(:func:`safeopt.skip_after_recovery`, as PaLM skipped the batches around a spike)."""
+
+QUICK_EPISODE: dict[str, Any] = {**QUICK, "episode": (10, 5), "skip_after_recovery": 5}
+""":data:`EPISODE` on the tiny model of :data:`QUICK` (CI)."""
 
 
 # ---------------------------------------------------------------------------
@@ -186,18 +195,32 @@ def _safeopt_maker(policy: dict[str, Any]) -> Make:
 # One run.
 # ---------------------------------------------------------------------------
 class Batches:
-    """Random windows of the training stream; one generator per seed (same for every config)."""
+    """Random windows of the training stream; one generator per seed (same for every config).
 
-    def __init__(self, corpus: text.Corpus, context: int, batch: int, seed: int) -> None:
+    With ``episode=(start, length)``, batches ``start`` to ``start + length - 1`` of
+    the stream are uniform random bytes instead (their own generator, the same for
+    every configuration): a corrupt stretch of data.
+    """
+
+    def __init__(self, corpus: text.Corpus, context: int, batch: int, seed: int,
+                 episode: tuple[int, int] | None = None) -> None:
         self.data = torch.from_numpy(corpus.train.astype(np.int64))
         self.context, self.batch = context, batch
         self.gen = torch.Generator().manual_seed(10_000 + seed)
+        self.noise = torch.Generator().manual_seed(20_000 + seed)
+        self.episode, self.drawn = episode, 0
+
+    def __iter__(self) -> Batches:
+        return self
 
     def __next__(self) -> tuple[Tensor, Tensor]:
         starts = torch.randint(0, self.data.numel() - self.context - 1, (self.batch,),
                                generator=self.gen)
-        idx = starts[:, None] + torch.arange(self.context + 1)
-        window = self.data[idx]
+        window = self.data[starts[:, None] + torch.arange(self.context + 1)]
+        k, self.drawn = self.drawn, self.drawn + 1
+        if self.episode is not None and 0 <= k - self.episode[0] < self.episode[1]:
+            # replaced, not inserted: the batches after the episode are the usual ones
+            window = torch.randint(0, 256, window.shape, generator=self.noise)
         return window[:, :-1], window[:, 1:]
 
 
@@ -244,7 +267,8 @@ def run(config: str, seed: int, hyper: dict[str, Any], corpus: text.Corpus,
                        hyper["init_std"])
         opt = adamw(model, hyper)
         step, wrapped = configurations()[config](model, opt)
-        batches = Batches(corpus, hyper["context"], hyper["batch"], seed)
+        batches = _stream(Batches(corpus, hyper["context"], hyper["batch"], seed,
+                                  hyper.get("episode")), wrapped, hyper)
         start = time.perf_counter()
         losses, first_nan, stopped = _train(model, opt, step, hyper, batches)
         seconds = time.perf_counter() - start
@@ -258,6 +282,15 @@ def run(config: str, seed: int, hyper: dict[str, Any], corpus: text.Corpus,
             "safeopt": counters, "seconds": seconds}
 
 
+def _stream(batches: Batches, wrapped: Any, hyper: dict[str, Any]) -> Iterator[Any]:
+    """The batches a run sees: those after each recovery dropped, for a recovering policy."""
+    skip = hyper.get("skip_after_recovery")
+    policy = getattr(wrapped, "policy", None)
+    if skip is None or policy is None or not policy.recover:
+        return batches
+    return iter(safeopt.skip_after_recovery(batches, wrapped, skip=skip))
+
+
 def warm_up(configs: list[str], hyper: dict[str, Any], corpus: text.Corpus) -> None:
     """Two steps of every configuration, untimed: imports and first calls out of the timings."""
     for config in configs:
@@ -265,7 +298,7 @@ def warm_up(configs: list[str], hyper: dict[str, Any], corpus: text.Corpus) -> N
 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, step: Stepper, hyper: dict[str, Any],
-           batches: Batches) -> tuple[list[float], int | None, str | None]:
+           batches: Iterator[Any]) -> tuple[list[float], int | None, str | None]:
     losses = [math.nan] * hyper["steps"]
     first_nan: int | None = None
     for i in range(hyper["steps"]):
@@ -309,7 +342,8 @@ def _counters(wrapped: Any) -> dict[str, Any] | None:
     if wrapped is None:
         return None
     s = safeopt.stats(wrapped)
-    return {k: s[k] for k in ("steps", "skips", "nonfinite", "spikes", "norm_clips")}
+    keys = ("steps", "skips", "nonfinite", "spikes", "norm_clips", "recoveries", "last_recovery")
+    return {k: s[k] for k in keys if k in s}
 
 
 def environment() -> dict[str, str]:

@@ -250,7 +250,8 @@ def write(out_dir: Path, stem: str, table: Sequence[dict[str, Any]], hyper: dict
 
 def run(out_dir: Path, command: str, quick: bool = False, seeds: int | None = None,
         steps: int | None = None, calibrate: bool = False,
-        lrs: Sequence[float] | None = None) -> tuple[Path, Path, Path | None]:
+        lrs: Sequence[float] | None = None, episode: bool = False,
+        ) -> tuple[Path, Path, Path | None]:
     """Runs the benchmark (or, with ``calibrate``, the learning-rate sweep) and writes its files.
 
     Args:
@@ -263,6 +264,8 @@ def run(out_dir: Path, command: str, quick: bool = False, seeds: int | None = No
       calibrate: Sweep the learning rate with ``clip_grad_norm_(1.0)``
         instead of comparing the configurations.
       lrs: The sweep's learning rates (default: :data:`CALIBRATION_LRS`).
+      episode: Run the bad-data episode (:data:`safeopt_bench.lm.EPISODE`)
+        instead, into ``lm_episode.*``.
 
     Returns:
       The paths of the Markdown table, the JSON and the PNG (``None``
@@ -270,12 +273,15 @@ def run(out_dir: Path, command: str, quick: bool = False, seeds: int | None = No
     """
     from safeopt_bench import lm
 
-    hyper = dict(lm.QUICK if quick else lm.HYPER)
+    if episode:
+        hyper = dict(lm.QUICK_EPISODE if quick else lm.EPISODE)
+    else:
+        hyper = dict(lm.QUICK if quick else lm.HYPER)
     if steps:
         hyper["steps"] = steps
     seeds = seeds or (QUICK if quick else FULL)["seeds"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "lm_calibration" if calibrate else "lm_stability"
+    stem = "lm_calibration" if calibrate else "lm_episode" if episode else "lm_stability"
     log = out_dir / f"{stem}_runs.jsonl"
     log.unlink(missing_ok=True)
     start = time.perf_counter()
@@ -299,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="sweep the learning rate with clip_grad_norm_(1.0)")
     parser.add_argument("--lrs", type=float, nargs="+", default=None,
                         help=f"the sweep's learning rates (default: {list(CALIBRATION_LRS)})")
+    parser.add_argument("--episode", action="store_true",
+                        help="the bad-data episode (safeopt_bench.lm.EPISODE) instead")
     parser.add_argument("--out", default="safeopt-bench")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
@@ -306,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(["python -m safeopt_bench.lm_report",
                         *(sys.argv[1:] if argv is None else argv)])
     md, js, png = run(Path(args.out), command, args.quick, args.seeds, args.steps,
-                      args.calibrate, args.lrs)
+                      args.calibrate, args.lrs, args.episode)
     print(md.read_text(encoding="utf-8"))
     print(f"wrote {md}, {js}" + (f" and {png}" if png else " (no matplotlib: no PNG)"))
     return 0

@@ -16,13 +16,16 @@ The task ``lm`` is the language-model benchmark of
 :mod:`safeopt_bench.lm_report`: a small pre-LN transformer on the Python
 standard library's source with AdamW at a learning rate where
 ``clip_grad_norm_(1.0)`` shows loss spikes; it writes its own table, JSON and
-loss curves (``lm_stability.*``).
+loss curves (``lm_stability.*``). ``lm-episode`` trains the same model at a
+moderate learning rate through a stretch of corrupt batches
+(``lm_episode.*``): what a recovery saves.
 
 Run:
   python -m safeopt_bench.stability            # full (see the run time it prints)
   python -m safeopt_bench.stability --quick    # CI: one length, 2 seeds, few steps
   safeopt bench --stability [--quick]
   safeopt bench --stability --tasks lm           # only the language model
+  safeopt bench --stability --tasks lm-episode   # the language model and corrupt data
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-TASKS = ("mlp", "rnn", "addition", "temporal_order", "lm")
-"""Every task; ``lm`` is the language model (:mod:`safeopt_bench.lm_report`)."""
+TASKS = ("mlp", "rnn", "addition", "temporal_order", "lm", "lm-episode")
+"""Every task; ``lm`` is the language model and ``lm-episode`` the same model meeting a
+stretch of corrupt data (:mod:`safeopt_bench.lm_report`)."""
 FULL: dict[str, Any] = {"tasks": TASKS,
                         "lengths": (50, 100, 200), "seeds": 5, "steps": 1000}
-QUICK: dict[str, Any] = {"tasks": ("mlp", "addition", "temporal_order", "lm"), "lengths": (50,),
+QUICK: dict[str, Any] = {"tasks": ("mlp", "addition", "temporal_order", "lm", "lm-episode"),
+                         "lengths": (50,),
                          "seeds": 2, "steps": 150}
 
 
@@ -51,7 +56,7 @@ def plan(tasks: Sequence[str], lengths: Sequence[int]) -> list[tuple[str, int]]:
     """``(task, length)`` pairs; the demo's tasks have a fixed length (``lm`` runs apart)."""
     out: list[tuple[str, int]] = []
     for task in tasks:
-        if task == "lm":
+        if task.startswith("lm"):
             continue
         if task in ("mlp", "rnn"):
             out.append((task, 0))
@@ -134,7 +139,7 @@ def header(settings: dict[str, Any], seconds: float, command: str) -> str:
     from safeopt_bench import tasks_torch
 
     env = tasks_torch.environment()
-    tasks = [t for t in settings["tasks"] if t != "lm"]
+    tasks = [t for t in settings["tasks"] if not t.startswith("lm")]
     return (f"Measured {_dt.date.today().isoformat()} on {platform.machine()} "
             f"({platform.processor() or platform.platform()}), torch {env['torch']}, "
             f"{env['threads']}, with `{command}`: tasks {tasks}, lengths "
@@ -195,12 +200,15 @@ def run_cli(args: argparse.Namespace) -> int:
         md, js = write(out_dir, table, settings, seconds, command)
         print(md.read_text(encoding="utf-8"))
         written += [md, js, log]
-    if "lm" in settings["tasks"]:
+    for task in ("lm", "lm-episode"):
+        if task not in settings["tasks"]:
+            continue
         from safeopt_bench import lm_report
 
         md, js, png = lm_report.run(out_dir, command, quick=args.quick,
                                     seeds=getattr(args, "seeds", None),
-                                    steps=getattr(args, "steps", None))
+                                    steps=getattr(args, "steps", None),
+                                    episode=task == "lm-episode")
         print(md.read_text(encoding="utf-8"))
         written += [md, js, *([png] if png else [])]
     print("wrote " + ", ".join(map(str, written)))

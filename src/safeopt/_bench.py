@@ -12,7 +12,8 @@ import importlib
 from typing import Any
 
 _FRAMEWORKS = ("torch", "jax", "keras")
-_STABILITY_TASKS = ("mlp", "rnn", "addition", "temporal_order", "lm")  # safeopt_bench.stability
+# safeopt_bench.stability.TASKS
+_STABILITY_TASKS = ("mlp", "rnn", "addition", "temporal_order", "lm", "lm-episode")
 
 
 def add_demo_parser(sub: Any) -> None:
@@ -65,7 +66,7 @@ def add_bench_parser(sub: Any) -> None:
                        help="a reduced run for CI (minutes)")
     bench.add_argument("--tasks", nargs="+", choices=_STABILITY_TASKS, default=None,
                        help="stability: the tasks to run (default: all of them; lm is the "
-                       "language model)")
+                       "language model, lm-episode the same model meeting corrupt data)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     bench.add_argument("--frameworks", nargs="+", choices=_FRAMEWORKS, default=None,
                        help="overhead: frameworks to measure (default: every installed one)")

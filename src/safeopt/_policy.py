@@ -307,11 +307,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "zscore": {"adaptive": "zscore"},
     "autoclip": {"adaptive": "percentile"},
     "spike": {"spike_skip": "loss"},
-    # The language-model stability benchmark's best configuration (README, "Does it
-    # save runs?"): clip at 1.0, skip an update whose gradient norm is 4 standard
-    # deviations above the last 32, from the 8th update on, and recover from a divergence.
-    "robust": {"recover": True, "spike_skip": "grad_norm", "spike_window": 32,
-               "spike_warmup": 8, "spike_k": 4.0},
+    # The language-model benchmarks' best configuration (README, "Does it save runs?"):
+    # clip at 1.0, skip an update whose gradient norm is 4 standard deviations above the
+    # last 32, from the 8th update on, and recover from a divergence to a snapshot at
+    # most 25 updates old.
+    "robust": {"recover": True, "snapshot_every": 25, "spike_skip": "grad_norm",
+               "spike_window": 32, "spike_warmup": 8, "spike_k": 4.0},
 }
 
 

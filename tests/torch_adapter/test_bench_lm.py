@@ -96,3 +96,45 @@ def test_quick_lm_stability_writes_table_json_and_curves(tmp_path: Path) -> None
     assert not (tmp_path / "stability.json").exists()  # only the task asked for
     pytest.importorskip("matplotlib")
     assert (tmp_path / "lm_stability.png").stat().st_size > 10_000
+
+
+def test_an_episode_replaces_its_batches_with_random_bytes_for_every_config() -> None:
+    corpus = text.load()
+    plain = lm.Batches(corpus, 16, 4, seed=0)
+    spoilt = lm.Batches(corpus, 16, 4, seed=0, episode=(3, 2))
+    again = lm.Batches(corpus, 16, 4, seed=0, episode=(3, 2))
+    for k in range(7):
+        (x, _), (xs, _), (xa, _) = next(plain), next(spoilt), next(again)
+        assert bool((xs == x).all()) == (k not in (3, 4)), k  # only batches 3 and 4 differ
+        assert (xs == xa).all()  # the same corrupt bytes for every configuration
+    # Corrupt bytes use the whole byte range; Python source is mostly printable ASCII.
+    spoilt = lm.Batches(corpus, 64, 16, seed=0, episode=(0, 1))
+    x, _ = next(spoilt)
+    assert (x > 127).float().mean() > 0.4
+
+
+def test_recovering_configurations_drop_the_batches_after_a_restore() -> None:
+    hyper = {**lm.QUICK_EPISODE}
+    batches = lm.Batches(text.load(), hyper["context"], hyper["batch"], 0, hyper["episode"])
+    assert lm._stream(batches, None, hyper) is batches  # no safeopt: every batch
+    model = lm.TinyLM(hyper["d_model"], hyper["layers"], hyper["heads"], hyper["context"],
+                      hyper["init_std"])
+    _, robust = lm.configurations()["safeopt robust"](model, lm.adamw(model, hyper))
+    _, default = lm.configurations()["safeopt default"](model, lm.adamw(model, hyper))
+    assert lm._stream(batches, default, hyper) is batches
+    stream = lm._stream(batches, robust, hyper)
+    assert stream is not batches and next(stream)[0].shape == (hyper["batch"], hyper["context"])
+
+
+def test_quick_lm_episode_writes_its_own_table(tmp_path: Path) -> None:
+    assert main(["bench", "--stability", "--quick", "--tasks", "lm-episode", "--out",
+                 str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "lm_episode.json").read_text())
+    assert data["hyper"]["episode"] == list(lm.QUICK_EPISODE["episode"])
+    assert {s["config"] for s in data["summary"]} == set(lm.configurations())
+    for run in data["runs"]:
+        assert len(run["losses"]) == lm.QUICK_EPISODE["steps"]
+        start, length = lm.QUICK_EPISODE["episode"]
+        # the corrupt batches (uniform bytes: about log 256 nats) are seen unless skipped
+        assert max(run["losses"][start:start + length]) > 4.0
+    assert not (tmp_path / "lm_stability.json").exists()
