@@ -8,6 +8,7 @@ spell hits them all alike.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import statistics
 import time
@@ -60,3 +61,12 @@ def split_sizes(total: int, n_tensors: int) -> list[int]:
     """``n_tensors`` equal sizes summing to about ``total`` elements."""
     each = max(total // n_tensors, 1)
     return [each] * n_tensors
+
+
+def size_parser(description: str, tensors: int = 200) -> argparse.ArgumentParser:
+    """A parser with the usual ``--params``, ``--tensors`` and ``--rounds`` of a cost benchmark."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", type=float, default=10e6, help="parameters in all")
+    parser.add_argument("--tensors", type=int, default=tensors, help="split into this many")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds")
+    return parser

@@ -21,7 +21,6 @@ Run: ``python -m safeopt_bench.recovery_cost`` (``--params``, ``--tensors``).
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 
 import safeopt
-from safeopt_bench._timing import interleaved, ratios, split_sizes
+from safeopt_bench._timing import interleaved, ratios, size_parser, split_sizes
 
 RECOVER = {"recover": True, "clip_norm": 1.0}
 
@@ -80,11 +79,7 @@ def snapshot_bytes(opt: torch.optim.Optimizer) -> int:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Prints each candidate's median step time over ``bare``; returns the ratios."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=float, default=10e6)
-    parser.add_argument("--tensors", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=20)
-    args = parser.parse_args(argv)
+    args = size_parser(__doc__.splitlines()[0]).parse_args(argv)
     total = int(args.params)
     medians = interleaved(candidates(total, args.tensors), rounds=args.rounds)
     out = ratios(medians, "bare")

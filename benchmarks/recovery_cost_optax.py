@@ -20,7 +20,6 @@ Run: ``python -m safeopt_bench.recovery_cost_optax`` (``--params``,
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +28,7 @@ import optax
 
 import safeopt
 from safeopt_bench import overhead_optax
-from safeopt_bench._timing import interleaved, ratios
+from safeopt_bench._timing import interleaved, ratios, size_parser
 
 RECOVER = {**overhead_optax.POLICY, "recover": True}
 
@@ -56,11 +55,7 @@ def snapshot_bytes(tx: optax.GradientTransformation, params: Any) -> int:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Prints each candidate's median update time over ``bare``; returns the ratios."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=float, default=10e6)
-    parser.add_argument("--tensors", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=20)
-    args = parser.parse_args(argv)
+    args = size_parser(__doc__.splitlines()[0]).parse_args(argv)
     total = int(args.params)
     params, grads = overhead_optax._model(total, args.tensors)
     made = {name: make() for name, make in candidates().items()}
