@@ -122,7 +122,7 @@ def _norm_updates(models: dict[str, torch.nn.Module], opts: dict[str, torch.opti
     try); ``norm at step`` reads all of them with one ``_foreach_norm`` after
     backward, as the wrapper does. Both then take the bare step.
     """
-    at_step = [p for p in models["norm at step"].parameters()]
+    at_step = list(models["norm at step"].parameters())
     hooked = list(models["norm in hooks"].parameters())
     norms: list[torch.Tensor | None] = [None] * len(hooked)
     for k, p in enumerate(hooked):

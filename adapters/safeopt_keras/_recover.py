@@ -168,23 +168,11 @@ class Snapshot:
 
     def take(self, opt: Any, pred: Any) -> None:
         """Copies the variables into the snapshot when ``pred`` (before the update)."""
-        pairs = self.pairs(opt)
-
-        def copy() -> None:
-            for held, var in pairs:
-                held.assign(var)
-
-        ops.cond(pred, copy, lambda: None)
+        _assign_when(pred, self.pairs(opt))
 
     def put_back(self, opt: Any, pred: Any) -> None:
         """Assigns the snapshot to the variables when ``pred``, bit for bit."""
-        pairs = self.pairs(opt)
-
-        def restore() -> None:
-            for held, var in pairs:
-                var.assign(held)
-
-        ops.cond(pred, restore, lambda: None)
+        _assign_when(pred, [(var, held) for held, var in self.pairs(opt)])
 
     def assign_held(self, opt: Any, held: sa.State, new: sa.State) -> None:
         """Writes the snapshot's state where it changed."""
@@ -279,3 +267,12 @@ def _flags(*preds: Any) -> tuple[Any, ...]:
         return preds
     values = ops.convert_to_numpy(ops.stack([ops.cast(p, "int32") for p in preds]))
     return tuple(bool(v) for v in np.asarray(values).reshape(-1))
+
+
+def _assign_when(pred: Any, pairs: Sequence[tuple[Any, Any]]) -> None:
+    """``target.assign(source)`` for every ``(target, source)`` pair, under ``ops.cond(pred)``."""
+    def assign() -> None:
+        for target, source in pairs:
+            target.assign(source)
+
+    ops.cond(pred, assign, lambda: None)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from torch_helpers import batches, model
+from torch_helpers import batches, fresh_backward, model
 
 import safeopt
 from safeopt_torch import SafeOptimizer
@@ -27,16 +25,6 @@ def _make(fused: bool, policy: dict) -> tuple[torch.nn.Module, SafeOptimizer]:
     return net, SafeOptimizer(inner, safeopt.Policy(**policy), decide_on="device")
 
 
-def _backward(net: torch.nn.Module, opt: SafeOptimizer, batch: tuple, nan: bool) -> torch.Tensor:
-    opt.zero_grad()
-    loss = torch.nn.functional.mse_loss(net(batch[0]), batch[1])
-    loss.backward()
-    if nan:
-        with torch.no_grad():
-            next(net.parameters()).grad[0, 0] = math.nan
-    return loss.detach()
-
-
 # Inductor for the default policy; the other policies trace the same way (fullgraph) and are
 # checked through AOTAutograd without code generation, which keeps the test short.
 @pytest.mark.parametrize(("policy", "backend"), [({}, "inductor"),
@@ -51,15 +39,15 @@ def test_compiled_protected_step_matches_eager(fused: bool, policy: dict, backen
     eager_net, eager = _make(fused, {**policy, "monitor_every": 2})
     net, opt = _make(fused, {**policy, "monitor_every": 2})
     for n, o in ((eager_net, eager), (net, opt)):  # the inner state exists before compiling
-        o.step(loss=_backward(n, o, data[0], nan=False))
+        o.step(loss=fresh_backward(n, o, data[0], nan=False))
 
     @torch.compile(fullgraph=True, backend=backend)
     def step(loss: torch.Tensor) -> None:
         opt.step(loss=loss)
 
     for i, batch in enumerate(data[1:], 1):
-        eager.step(loss=_backward(eager_net, eager, batch, nan=i == NAN_AT))
-        step(_backward(net, opt, batch, nan=i == NAN_AT))
+        eager.step(loss=fresh_backward(eager_net, eager, batch, nan=i == NAN_AT))
+        step(fresh_backward(net, opt, batch, nan=i == NAN_AT))
     for a, b in zip(eager_net.parameters(), net.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for pa, pb in zip(eager_net.parameters(), net.parameters()):
@@ -71,8 +59,8 @@ def test_compiled_protected_step_matches_eager(fused: bool, policy: dict, backen
     assert got["skips"] >= 1 and got["steps"] + got["skips"] == STEPS
     for field in ("last_norm", "last_loss", "last_weight_norm", "threshold"):
         assert got[field] == pytest.approx(want[field], rel=1e-5), field
-    opt.step(loss=_backward(net, opt, data[1], nan=False))  # eager again after compiled steps
-    eager.step(loss=_backward(eager_net, eager, data[1], nan=False))
+    opt.step(loss=fresh_backward(net, opt, data[1], nan=False))  # eager again after compiled steps
+    eager.step(loss=fresh_backward(eager_net, eager, data[1], nan=False))
     assert safeopt.stats(opt)["steps"] == safeopt.stats(eager)["steps"]
     assert safeopt.stats(opt)["host_step"] == safeopt.stats(eager)["host_step"]
 
@@ -84,7 +72,7 @@ def test_compiling_before_the_inner_state_exists_is_refused() -> None:
     def step() -> None:
         opt.step()
 
-    _backward(net, opt, batches(1)[0], nan=False)
+    fresh_backward(net, opt, batches(1)[0], nan=False)
     with pytest.raises(Exception, match="take one step eagerly"):
         step()
 
@@ -92,13 +80,13 @@ def test_compiling_before_the_inner_state_exists_is_refused() -> None:
 def test_compiling_host_decisions_is_refused_with_the_remedy() -> None:
     net = model()
     opt = safeopt.wrap(torch.optim.AdamW(net.parameters(), lr=1e-2), {})
-    _backward(net, opt, batches(1)[0], nan=False)
+    fresh_backward(net, opt, batches(1)[0], nan=False)
     opt.step()
 
     @torch.compile(fullgraph=True, backend="eager")
     def step() -> None:
         opt.step()
 
-    _backward(net, opt, batches(1)[0], nan=False)
+    fresh_backward(net, opt, batches(1)[0], nan=False)
     with pytest.raises(Exception, match="decide_on='device'"):
         step()

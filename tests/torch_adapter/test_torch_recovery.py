@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from test_torch_divergence_guard import SlowEvent
-from torch_helpers import assert_same_params, batches, model
+from torch_helpers import assert_same_params, batches, fresh_backward, model
 
 import safeopt
 from safeopt.testing.cases import STREAK
@@ -28,13 +28,7 @@ def _wrapped(fused: bool, decide_on: str, **policy: object) -> tuple[torch.nn.Mo
 
 
 def _step(net: torch.nn.Module, opt: SafeOptimizer, batch: tuple, nan: bool = False) -> None:
-    opt.zero_grad()
-    loss = torch.nn.functional.mse_loss(net(batch[0]), batch[1])
-    loss.backward()
-    if nan:
-        with torch.no_grad():
-            next(net.parameters()).grad[0, 0] = math.nan
-    opt.step(loss=loss.detach())
+    opt.step(loss=fresh_backward(net, opt, batch, nan))
 
 
 def _state_copy(opt: SafeOptimizer) -> list[dict[str, torch.Tensor]]:

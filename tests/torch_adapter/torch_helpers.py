@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -33,6 +34,17 @@ def backward(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> 
     loss = torch.nn.functional.mse_loss(net(x), y)
     loss.backward()
     return loss.detach()
+
+
+def fresh_backward(net: torch.nn.Module, opt: torch.optim.Optimizer,
+                   batch: tuple[torch.Tensor, torch.Tensor], nan: bool = False) -> torch.Tensor:
+    """``zero_grad``, then :func:`backward`; with ``nan``, one gradient element becomes NaN."""
+    opt.zero_grad()
+    loss = backward(net, batch)
+    if nan:
+        with torch.no_grad():
+            next(net.parameters()).grad.view(-1)[0] = math.nan
+    return loss
 
 
 def train(net: torch.nn.Module, opt: torch.optim.Optimizer,
